@@ -1,0 +1,215 @@
+"""DyMUEncoder: the block loop over a tower adapter, with variable-length output (DESIGN 3-4)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import TowerAdapter
+from .errors import DyMUError
+from .merge import batch_rule, bipartite_scores, plan_merge, threshold_rule
+from .thresholds import Thresholds
+
+log = logging.getLogger(__name__)
+
+# A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
+Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass
+class EncoderOutput:
+    """Padded, variable-length encoder output; ``lengths`` says how many rows are real."""
+
+    tokens: torch.Tensor  # (B, L, D) block outputs (before the tower's final norm)
+    lengths: torch.Tensor  # (B,) real tokens per image
+    sizes: torch.Tensor  # (B, L) float32: original tokens per slot, 0 on padding
+    groups: torch.Tensor  # (B, N0) int64: original token -> slot
+    pooled: torch.Tensor | None  # (B, E) image embedding, when the tower has a head
+    block_lengths: torch.Tensor  # (B, blocks run): tokens per image after each block
+
+    def to_list(self) -> list[torch.Tensor]:
+        """One unpadded ``(L_i, D)`` tensor per image."""
+        return [t[:n] for t, n in zip(self.tokens, self.lengths.tolist(), strict=True)]
+
+
+class DyMUEncoder(nn.Module):
+    """A vision tower that merges tokens above per-block thresholds, per image.
+
+    ``r`` is the per-block schedule (used for calibration; a block with ``r == 0`` never
+    merges). ``select_layer`` follows transformers' ``hidden_states`` indexing (LLaVA uses
+    -2): only the blocks up to it run. ``drop_cls`` removes the class token from the output.
+    """
+
+    def __init__(
+        self,
+        tower: TowerAdapter,
+        r: Sequence[int],
+        thresholds: Thresholds | None = None,
+        select_layer: int | None = None,
+        drop_cls: bool = False,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.tower = tower
+        self.name = name or type(tower).__name__
+        if len(r) != tower.num_blocks:
+            raise DyMUError(
+                f"schedule has {len(r)} entries but the tower has {tower.num_blocks} blocks"
+            )
+        self.r = [int(v) for v in r]
+        total = tower.num_blocks
+        if select_layer is not None and not -(total + 1) <= select_layer <= total:
+            raise DyMUError(f"select_layer {select_layer} is out of range for {total} blocks")
+        self.select_layer = select_layer
+        self.num_run = total if select_layer is None else select_layer % (total + 1)
+        self.drop_cls = drop_cls
+        self.protected = 1 if tower.has_cls else 0
+        self.preprocess: Callable | None = None  # open_clip's eval transform, set by the factory
+        self.pretrained = "unknown"  # recorded in threshold files
+        self.schedule_name = "explicit:" + ",".join(map(str, self.r))
+        self.thresholds: Thresholds | None = None
+        if thresholds is not None:
+            self.set_thresholds(thresholds)
+
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        """Use these thresholds at inference (validated against the tower)."""
+        thresholds.check_model(self.name, self.name.split("-tome")[0], self.tower.num_blocks)
+        file_r = thresholds.r.tolist()
+        if file_r != self.r and any(self.r):
+            log.warning(
+                "thresholds were calibrated with r=%s, this encoder's schedule is r=%s",
+                file_r,
+                self.r,
+            )
+        self.thresholds = thresholds
+
+    @property
+    def merges(self) -> bool:
+        return any(self.r[: self.num_run])
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """Encode images; each keeps the tokens its content needs."""
+        if not self.merges:
+            return self._run(pixel_values, [None] * self.num_run, reorder_all=False)
+        if self.thresholds is None:
+            raise DyMUError(
+                f"{self.name} has no thresholds: find them with `dymu-find-thresholds`, or pass "
+                "thresholds=FILE (r_total=0 encodes without merging)"
+            )
+        taus = self.thresholds.merging_blocks()
+        protected = self.protected
+        rules: list[Rule | None] = []
+        for r, tau in zip(self.r[: self.num_run], taus, strict=False):
+            if r > 0 and tau is not None:
+                rules.append(
+                    lambda m, lengths, n, tau=tau: threshold_rule(m, tau, lengths, protected)
+                )
+            else:
+                rules.append(None)
+        return self._run(pixel_values, rules, reorder_all=False)
+
+    def calibrate(
+        self, pixel_values: torch.Tensor, r: Sequence[int] | None = None
+    ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor]:
+        """One calibration batch with the batch rule (all blocks run).
+
+        Returns the output, the batch threshold of every block ``(L,)`` float64 and which
+        blocks produced one ``(L,)`` bool. Stays on the device: no host syncs beyond the
+        merge sizes.
+        """
+        r = self.r if r is None else [int(v) for v in r]
+        total = self.tower.num_blocks
+        found: list[torch.Tensor | None] = [None] * total
+        protected = self.protected
+
+        def make_rule(block: int) -> Rule:
+            def rule(node_max: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+                per_image = min(r[block], (n - protected) // 2)
+                merged, found[block] = batch_rule(node_max, node_max.shape[0] * per_image)
+                return merged
+
+            return rule
+
+        rules = [make_rule(b) if r[b] > 0 else None for b in range(total)]
+        out = self._run(pixel_values, rules, reorder_all=True, num_run=total, head=False)
+        device = out.tokens.device
+        used = torch.tensor([t is not None for t in found], device=device)
+        values = [
+            t.double() if t is not None else torch.zeros((), device=device, dtype=torch.float64)
+            for t in found
+        ]
+        return out, torch.stack(values), used
+
+    def _run(
+        self,
+        pixel_values: torch.Tensor,
+        rules: Sequence[Rule | None],
+        reorder_all: bool,
+        num_run: int | None = None,
+        head: bool = True,
+    ) -> EncoderOutput:
+        tower = self.tower
+        num_run = self.num_run if num_run is None else num_run
+        param = next(tower.parameters())
+        x = tower.embed(pixel_values.to(device=param.device, dtype=param.dtype))
+        bsz, n, dim = x.shape
+        heads = tower.num_heads
+        lengths = torch.full((bsz,), n, device=x.device, dtype=torch.long)
+        groups = torch.arange(n, device=x.device).expand(bsz, n)
+        sizes: torch.Tensor | None = None
+        block_lengths = []
+        for block in range(num_run):
+            q, k, v = tower.qkv(block, x)
+            bias = None if sizes is None else sizes.log()[:, None, None, :].to(q.dtype)
+            x = x + tower.attn_out(block, _attend(q, k, v, heads, bias))
+            rule = rules[block] if block < len(rules) else None
+            if rule is not None and n - self.protected >= 2:
+                metric = k.reshape(bsz, n, heads, dim // heads).mean(dim=2)
+                node_max, node_idx = bipartite_scores(metric, lengths, self.protected)
+                merged = rule(node_max, lengths, n)
+                plan = plan_merge(merged, node_idx, lengths, n, reorder_all=reorder_all)
+                if plan is not None:
+                    x, sizes = plan.merge(x, sizes, lengths)
+                    groups = plan.track(groups)
+                    lengths, n = plan.lengths, plan.length
+            x = x + tower.mlp(block, x)
+            block_lengths.append(lengths)
+        if sizes is None:
+            sizes = torch.ones(bsz, n, device=x.device, dtype=torch.float32)
+        pooled = tower.pool(x, sizes) if head and num_run == tower.num_blocks else None
+        out = EncoderOutput(
+            tokens=x,
+            lengths=lengths,
+            sizes=sizes,
+            groups=groups,
+            pooled=pooled,
+            block_lengths=torch.stack(block_lengths, 1) if block_lengths else lengths[:, None],
+        )
+        return _drop_cls(out) if self.drop_cls and self.protected else out
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Multi-head attention with a broadcast ``(B, 1, 1, N)`` key bias (proportional attention)."""
+    bsz, n, dim = q.shape
+    q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2).reshape(bsz, n, dim)
+
+
+def _drop_cls(out: EncoderOutput) -> EncoderOutput:
+    """LLaVA-style 'patch' features: the class token (always slot 0) removed."""
+    return EncoderOutput(
+        tokens=out.tokens[:, 1:],
+        lengths=out.lengths - 1,
+        sizes=out.sizes[:, 1:],
+        groups=out.groups[:, 1:] - 1,
+        pooled=out.pooled,
+        block_lengths=out.block_lengths - 1,
+    )

@@ -1,0 +1,1 @@
+"""Integrations with VLM codebases (LLaVA, transformers)."""

@@ -1,0 +1,151 @@
+"""Bipartite token matching and size-weighted merging (DESIGN section 3).
+
+Pure tensor functions, in the spirit of ToMe's ``merge.py``: a matcher scores A/B pairs, a
+*rule* decides which A tokens merge, and :func:`plan_merge` turns that decision into a small
+:class:`MergePlan` that moves every token to its new slot. State (sizes, groups, lengths) is
+passed in and returned explicitly. Nothing here imports the rest of the package.
+
+Shapes: ``B`` images, ``N`` current (padded) tokens, A = even positions, B = odd positions.
+Padding always sits at the end of each row; ``lengths[b]`` counts the real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = float("-inf")
+
+
+def bipartite_scores(
+    metric: torch.Tensor, lengths: torch.Tensor, protected: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best B partner of every A token and its cosine score.
+
+    ``metric`` is ``(B, N, C)`` (unnormalised keys), ``lengths`` ``(B,)``. The first
+    ``protected`` A tokens (the class token) and padding never match: their score is -inf.
+    Returns ``node_max (B, ceil(N/2))`` float32 and ``node_idx`` (index into the B tokens).
+    """
+    n = metric.shape[1]
+    metric = F.normalize(metric.float(), dim=-1)
+    scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
+    dev = metric.device
+    pos_a = torch.arange(0, n, 2, device=dev)
+    pos_b = torch.arange(1, n, 2, device=dev)
+    valid_b = pos_b[None, :] < lengths[:, None]
+    scores = scores.masked_fill(~valid_b[:, None, :], NEG_INF)
+    node_max, node_idx = scores.max(dim=-1)
+    valid_a = (pos_a[None, :] < lengths[:, None]) & (pos_a[None, :] >= 2 * protected)
+    return node_max.masked_fill(~valid_a, NEG_INF), node_idx
+
+
+def threshold_rule(
+    node_max: torch.Tensor, tau: float, lengths: torch.Tensor, protected: int
+) -> torch.Tensor:
+    """Inference rule: merge every A token whose best score is strictly above ``tau``.
+
+    At most ``(n - protected) // 2`` merges per image (the best ones). With a protected class
+    token that cap can never bind (an image of n tokens has ``ceil(n/2) - 1`` candidate A
+    tokens), so the ranking is only computed for towers without one.
+    """
+    merged = node_max > tau
+    if protected == 0:
+        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(
+            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        )
+        merged &= rank < (lengths // 2)[:, None]
+    return merged
+
+
+def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration rule: merge the ``num_merges`` best edges of the whole batch.
+
+    Edges are ranked by a stable descending sort of the flattened scores (ties keep the lower
+    index first). Returns the merged mask ``(B, Na)`` and the batch threshold: the score of
+    the edge at rank ``num_merges`` (the best unmerged one), clamped to ``>= 0``. A 0-dim
+    tensor on the scores' device, so accumulating it costs no host sync.
+    """
+    flat = node_max.reshape(-1)
+    values, order = flat.sort(descending=True, stable=True)
+    num_merges = min(num_merges, flat.numel())
+    merged = torch.zeros_like(flat, dtype=torch.bool)
+    merged[order[:num_merges]] = True
+    merged &= torch.isfinite(flat)  # never merge a class or padding token
+    threshold = values[min(num_merges, flat.numel() - 1)].clamp(min=0.0)
+    return merged.view_as(node_max), threshold
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Where every current slot goes: ``dest (B, N)``, with ``length`` marking dropped padding."""
+
+    dest: torch.Tensor
+    lengths: torch.Tensor
+    length: int
+
+    def merge(
+        self, x: torch.Tensor, sizes: torch.Tensor | None, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size-weighted mean of each group, accumulated in float32; returns (x, sizes).
+
+        ``sizes`` is ``(B, N)`` float32 with 0 on padding (``None`` means all real tokens
+        have size 1). The returned sizes have 0 on the new padding slots.
+        """
+        bsz, n, dim = x.shape
+        if sizes is None:
+            sizes = (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).float()
+        slots = self.length + 1  # one extra slot per row swallows the padding
+        flat = (self.dest + torch.arange(bsz, device=x.device)[:, None] * slots).reshape(-1)
+        acc = torch.zeros(bsz * slots, dim, device=x.device, dtype=torch.float32)
+        acc.index_add_(0, flat, (x.float() * sizes[..., None]).reshape(-1, dim))
+        new_sizes = torch.zeros(bsz * slots, device=x.device, dtype=torch.float32)
+        new_sizes.index_add_(0, flat, sizes.reshape(-1))
+        acc = acc.view(bsz, slots, dim)[:, : self.length]
+        new_sizes = new_sizes.view(bsz, slots)[:, : self.length]
+        out = acc / new_sizes.clamp(min=1e-6)[..., None]
+        return out.to(x.dtype), new_sizes
+
+    def track(self, groups: torch.Tensor) -> torch.Tensor:
+        """Follow original tokens to their new slot: ``groups (B, N0)`` -> ``(B, N0)``."""
+        return self.dest.gather(1, groups)
+
+
+def plan_merge(
+    merged: torch.Tensor,
+    node_idx: torch.Tensor,
+    lengths: torch.Tensor,
+    n: int,
+    reorder_all: bool = False,
+) -> MergePlan | None:
+    """Turn a merge decision over ``n`` current slots into new slots; ``None`` if nothing moves.
+
+    New order per image: ``[unmerged A tokens in order, all B tokens in order]``, padding
+    last. An image without merges keeps its order unless ``reorder_all`` (calibration, which
+    reorders every image at every merging block, as the published reference does).
+    Reads two integers back to the host (the new padded length and whether anything merged):
+    the only sync per merging block, needed to size the shorter tensors.
+    """
+    dev = merged.device
+    pos = torch.arange(n, device=dev)
+    real = pos[None, :] < lengths[:, None]
+    real_a, real_b = real[:, ::2], real[:, 1::2]
+    keep_a = real_a & ~merged
+    n_keep = keep_a.sum(-1, keepdim=True)
+    count = merged.sum(-1)
+    new_lengths = lengths - count
+    length, any_merge = torch.stack([new_lengths.max(), count.max()]).tolist()
+    if any_merge == 0 and not reorder_all:
+        return None
+    dest = torch.empty_like(real, dtype=torch.long)
+    slot_a = torch.where(keep_a, keep_a.cumsum(-1) - 1, length)
+    dest[:, ::2] = torch.where(merged, n_keep + node_idx, slot_a)
+    b_index = torch.arange(real_b.shape[1], device=dev)[None, :]
+    dest[:, 1::2] = torch.where(real_b, n_keep + b_index, length)
+    if not reorder_all:
+        identity = torch.where(real, pos[None, :], length)
+        dest = torch.where((count > 0)[:, None], dest, identity)
+    return MergePlan(dest=dest, lengths=new_lengths, length=int(length))

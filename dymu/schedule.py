@@ -1,0 +1,52 @@
+"""How many tokens each block removes (``r`` per block), DESIGN section 5."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import DyMUError
+
+SCHEDULES = ("constant", "linear", "reverse_linear")
+
+
+def make_schedule(
+    r_total: int, num_blocks: int, schedule: str | Sequence[int] = "constant"
+) -> list[int]:
+    """Spread ``r_total`` removed tokens over ``num_blocks`` blocks.
+
+    ``constant``: ``r_total // L`` each, the remainder on the first blocks. ``linear``:
+    decreasing from ``r0 = 2 r_total // L`` with the remainder in the last non-zero block.
+    ``reverse_linear``: ``linear`` reversed. A list is taken as is (one entry per block).
+    """
+    if not isinstance(schedule, str):
+        r = [int(v) for v in schedule]
+        if len(r) != num_blocks or any(v < 0 for v in r):
+            raise DyMUError(
+                f"an explicit schedule needs {num_blocks} non-negative entries, got {list(schedule)}"
+            )
+        return r
+    if r_total < 0:
+        raise DyMUError(f"r_total must be >= 0, got {r_total}")
+    if schedule == "constant":
+        base, rest = divmod(r_total, num_blocks)
+        return [base + (1 if i < rest else 0) for i in range(num_blocks)]
+    if schedule in ("linear", "reverse_linear"):
+        r = _linear(r_total, num_blocks)
+        return r[::-1] if schedule == "reverse_linear" else r
+    raise DyMUError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def _linear(r_total: int, num_blocks: int) -> list[int]:
+    r0 = (2 * r_total) // num_blocks
+    r: list[int] = []
+    total = 0
+    k = 0
+    while len(r) < num_blocks - 1:
+        value = int(r0 - k * r0 / num_blocks)
+        if total + value >= r_total:
+            break
+        r.append(value)
+        total += value
+        k += 1
+    r.append(r_total - total)
+    return r + [0] * (num_blocks - len(r))

@@ -1,0 +1,176 @@
+"""Per-block similarity thresholds: the safetensors format of DESIGN section 6."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import DyMUError
+
+FORMAT = "dymu-thresholds/1"
+_TENSORS = {
+    "thresholds": torch.float32,
+    "sum": torch.float64,
+    "count": torch.int64,
+    "r": torch.int64,
+}
+# metadata that must agree before partial results can be added together
+_MERGE_KEYS = ("model", "pretrained", "schedule", "r_total", "batch_size")
+
+
+@dataclass
+class Thresholds:
+    """Calibrated thresholds with the statistics they came from.
+
+    ``thresholds[l] = sum[l] / count[l]``; a block with no statistics gets 1.0 (never merges).
+    """
+
+    sum: torch.Tensor
+    count: torch.Tensor
+    r: torch.Tensor
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        mean = self.sum / self.count.clamp(min=1).to(torch.float64)
+        return torch.where(self.count > 0, mean, torch.ones_like(mean)).to(torch.float32)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.r.numel())
+
+    def merging_blocks(self) -> list[float | None]:
+        """Per block: the threshold as a float, or ``None`` where the block never merges."""
+        return [
+            float(t) if r > 0 and t < 1.0 else None
+            for t, r in zip(self.thresholds.tolist(), self.r.tolist(), strict=True)
+        ]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the safetensors file (atomically: a temporary file, then a rename)."""
+        meta = {
+            "format": FORMAT,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        meta.update({k: str(v) for k, v in self.metadata.items() if k not in ("format",)})
+        tensors = {
+            "thresholds": self.thresholds.contiguous(),
+            "sum": self.sum.to(torch.float64).contiguous(),
+            "count": self.count.to(torch.int64).contiguous(),
+            "r": self.r.to(torch.int64).contiguous(),
+        }
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Thresholds:
+        """Read and validate a thresholds file; every problem is a :class:`DyMUError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise DyMUError(f"thresholds file not found: {path}")
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = dict(fh.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DyMUError(
+                f"{path} is not a dymu thresholds file (not safetensors: {exc})"
+            ) from None
+        if metadata.get("format") != FORMAT:
+            raise DyMUError(
+                f"{path} is not a dymu thresholds file (format is {metadata.get('format')!r})"
+            )
+        for key, dtype in _TENSORS.items():
+            if key not in tensors:
+                raise DyMUError(f"{path} has no {key!r} tensor")
+            if tensors[key].dim() != 1 or tensors[key].dtype != dtype:
+                raise DyMUError(f"{path}: {key!r} must be a 1-d {dtype} tensor")
+        sizes = {k: tensors[k].numel() for k in _TENSORS}
+        if len(set(sizes.values())) != 1:
+            raise DyMUError(f"{path}: tensors disagree on the number of blocks: {sizes}")
+        _check_values(tensors["thresholds"], str(path))
+        out = cls(tensors["sum"], tensors["count"], tensors["r"], metadata)
+        stored = tensors["thresholds"]
+        if not torch.allclose(out.thresholds[out.count > 0], stored[out.count > 0]):
+            # a hand-edited or converted file: keep the stored values, they are what the user means
+            out = cls.from_values(stored, tensors["r"], metadata)
+        return out
+
+    @classmethod
+    def from_values(
+        cls, thresholds: torch.Tensor, r: torch.Tensor, metadata: dict[str, str] | None = None
+    ) -> Thresholds:
+        """Thresholds given directly (one observation each), e.g. converted from elsewhere."""
+        values = torch.as_tensor(thresholds, dtype=torch.float64).flatten()
+        _check_values(values, "thresholds")
+        return cls(
+            values.clone(),
+            torch.ones_like(values, dtype=torch.int64),
+            torch.as_tensor(r, dtype=torch.int64).flatten(),
+            dict(metadata or {}),
+        )
+
+    def check_model(
+        self, model: str, base: str, num_blocks: int, source: str = "thresholds"
+    ) -> None:
+        """Refuse thresholds made for another architecture, naming the mismatch."""
+        if self.num_blocks != num_blocks:
+            raise DyMUError(
+                f"{source} has {self.num_blocks} blocks but {model} has {num_blocks}"
+                f" (file made for {self.metadata.get('model', 'an unknown model')})"
+            )
+        made_for = self.metadata.get("model")
+        if made_for and made_for.split("-tome")[0] != base:
+            raise DyMUError(f"{source} was made for {made_for}, not for {model} (base {base})")
+
+    def merge(self, other: Thresholds) -> Thresholds:
+        """Add the statistics of a partial result made for the same model and schedule."""
+        for key in _MERGE_KEYS:
+            mine, theirs = self.metadata.get(key), other.metadata.get(key)
+            if mine != theirs:
+                raise DyMUError(f"cannot merge thresholds: {key} differs ({mine!r} vs {theirs!r})")
+        if not torch.equal(self.r, other.r):
+            raise DyMUError("cannot merge thresholds: per-block r differs")
+        meta = dict(self.metadata)
+        meta["images"] = str(int(meta.get("images", 0)) + int(other.metadata.get("images", 0)))
+        return Thresholds(self.sum + other.sum, self.count + other.count, self.r.clone(), meta)
+
+
+def _check_values(values: torch.Tensor, source: str) -> None:
+    bad = torch.isnan(values) | (values < -1)
+    if bool(bad.any()):
+        block = int(bad.nonzero()[0])
+        raise DyMUError(
+            f"{source}: threshold of block {block} is {values[block].item()} "
+            "(must be a number >= -1; 1 or more means never merge)"
+        )
+
+
+def search_paths() -> list[Path]:
+    """Where thresholds are looked up by model name: shipped files, then the user folder."""
+    shipped = Path(__file__).resolve().parents[1] / "thresholds"
+    user = Path(os.environ.get("DYMU_THRESHOLDS", Path.home() / ".cache" / "dymu" / "thresholds"))
+    return [shipped, user]
+
+
+def find_threshold_file(name: str, pretrained: str | None = None) -> Path | None:
+    """The file for a model name (``NAME-PRETRAINED.safetensors`` first, then ``NAME.safetensors``)."""
+    stems = ([f"{name}-{pretrained}"] if pretrained and not _is_path(pretrained) else []) + [name]
+    for folder in search_paths():
+        for stem in stems:
+            candidate = folder / f"{stem}.safetensors"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _is_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
