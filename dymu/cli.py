@@ -139,6 +139,7 @@ def _find_thresholds(args: argparse.Namespace) -> None:
             encoder, batches, r_total=args.r_total, schedule=args.schedule, on_batch=on_batch
         )
     seconds = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     counts = torch.cat(lengths).float()
     print(f"{'block':>5} {'r':>4} {'threshold':>10} {'batches':>8}")

@@ -22,7 +22,7 @@ def make_schedule(
         r = [int(v) for v in schedule]
         if len(r) != num_blocks or any(v < 0 for v in r):
             raise DyMUError(
-                f"an explicit schedule needs {num_blocks} non-negative entries, got {list(schedule)}"
+                f"an explicit schedule needs {num_blocks} non-negative entries, got {r}"
             )
         return r
     if r_total < 0:

@@ -162,7 +162,7 @@ def search_paths() -> list[Path]:
 
 
 def find_threshold_file(name: str, pretrained: str | None = None) -> Path | None:
-    """The file for a model name (``NAME-PRETRAINED.safetensors`` first, then ``NAME.safetensors``)."""
+    """The file for a name: ``NAME-PRETRAINED.safetensors`` first, then ``NAME.safetensors``."""
     stems = ([f"{name}-{pretrained}"] if pretrained and not _is_path(pretrained) else []) + [name]
     for folder in search_paths():
         for stem in stems:

@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny open_clip config (64x64 images, 8x8 patches, 65 tokens, 4 blocks)
+and real photos from scikit-image's bundled data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+TINY = "ViT-T-8-test"
+CONFIGS = Path(__file__).parent / "configs"
+open_clip.add_model_config(CONFIGS)
+
+PHOTOS = [
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "brick",
+    "grass",
+    "coins",
+    "hubble_deep_field",
+    "retina",
+    "gravel",
+    "moon",
+]
+
+
+def photo(name: str) -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(np.asarray(getattr(data, name)()))
+
+
+@pytest.fixture(scope="session")
+def photos() -> list[Image.Image]:
+    return [photo(n) for n in PHOTOS]
+
+
+@pytest.fixture(scope="session")
+def photo_dir(tmp_path_factory, photos) -> Path:
+    """Real photos as JPEG files plus an ``images.json`` listing them."""
+    import json
+
+    root = tmp_path_factory.mktemp("photos")
+    (root / "img").mkdir()
+    entries = []
+    for name, img in zip(PHOTOS, photos, strict=True):
+        img.save(root / "img" / f"{name}.jpg")
+        entries.append({"image": f"img/{name}.jpg", "caption": name})
+    (root / "images.json").write_text(json.dumps(entries))
+    return root
+
+
+def checkerboard(size: int = 64, cell: int = 8) -> Image.Image:
+    idx = np.arange(size) // cell
+    board = ((idx[:, None] + idx[None, :]) % 2 * 255).astype(np.uint8)
+    return Image.fromarray(np.stack([board] * 3, -1))
+
+
+def noise(size: int = 64, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -1,0 +1,149 @@
+"""DyMUEncoder against vanilla open_clip and against the naive reference in ``naive.py``."""
+
+import pytest
+import torch
+from conftest import TINY, checkerboard, noise
+from naive import naive_encode
+
+import dymu
+from dymu import Thresholds
+
+NAME = f"{TINY}-tome"
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return dymu.build_encoder(f"{NAME}-24out")  # 64 patches -> 24 kept on average
+
+
+@pytest.fixture(scope="module")
+def pixels(encoder, photos):
+    return torch.stack([encoder.preprocess(p) for p in photos])
+
+
+@pytest.fixture(scope="module")
+def calibrated(encoder, pixels):
+    th = dymu.find_thresholds(encoder, [pixels[:4], pixels[4:8], pixels[8:]])
+    encoder.set_thresholds(th)
+    return th
+
+
+def vanilla_hidden_states(visual, x):
+    h = visual._embeds(x)
+    states = [h]
+    for blk in visual.transformer.resblocks:
+        h = blk(h)
+        states.append(h)
+    return states
+
+
+@pytest.mark.parametrize("how", ["r_total=0", "thresholds>=1"])
+def test_no_merging_equals_vanilla_open_clip(pixels, how):
+    if how == "r_total=0":
+        enc = dymu.load_encoder(NAME, r_total=0)
+    else:
+        enc = dymu.build_encoder(NAME)
+        blocks = enc.tower.num_blocks
+        values = torch.tensor([1.0, 1.5, float("inf"), 1.0])[:blocks]
+        enc.set_thresholds(Thresholds.from_values(values, torch.tensor(enc.r), {"model": NAME}))
+    visual = enc.tower.visual
+    with torch.no_grad():
+        out = enc(pixels)
+        tokens = vanilla_hidden_states(visual, pixels)[-1]
+        pooled = visual(pixels)
+    assert out.lengths.tolist() == [65] * len(pixels)
+    assert torch.allclose(out.tokens, tokens, atol=1e-5)
+    assert torch.allclose(out.pooled, pooled, atol=1e-5)
+    assert out.groups.tolist() == [list(range(65))] * len(pixels)
+
+
+def test_select_layer_and_drop_cls_match_hidden_states(pixels):
+    enc = dymu.build_encoder(NAME, r_total=0, select_layer=-2, drop_cls=True)
+    with torch.no_grad():
+        out = enc(pixels)
+        states = vanilla_hidden_states(enc.tower.visual, pixels)
+    assert enc.num_run == 3 and out.pooled is None
+    assert torch.allclose(out.tokens, states[-2][:, 1:], atol=1e-5)
+    assert out.lengths.tolist() == [64] * len(pixels)
+    assert out.groups[0].tolist() == list(range(64))
+
+
+def test_calibration_matches_naive_reference(encoder, pixels, calibrated):
+    batches = [pixels[:4], pixels[4:8], pixels[8:]]
+    sums = torch.zeros(encoder.tower.num_blocks, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in batches:
+            _, _, _, found = naive_encode(encoder.tower.visual, batch, encoder.r, None)
+            sums += torch.tensor(found, dtype=torch.float64)
+    assert calibrated.count.tolist() == [3] * encoder.tower.num_blocks
+    assert torch.allclose(calibrated.thresholds.double(), sums / 3, atol=1e-5)
+
+
+def test_inference_matches_naive_reference(encoder, pixels, calibrated):
+    taus = calibrated.thresholds.tolist()
+    with torch.no_grad():
+        out = encoder(pixels)
+        xs, sizes, groups, _ = naive_encode(encoder.tower.visual, pixels, encoder.r, taus)
+    assert out.lengths.tolist() == [x.shape[0] for x in xs]
+    assert len(set(out.lengths.tolist())) > 1  # the photos really get different counts
+    for b, tokens in enumerate(out.to_list()):
+        assert torch.allclose(tokens, xs[b], atol=1e-4)
+        assert out.sizes[b, : len(sizes[b])].tolist() == sizes[b]
+        assert out.groups[b].tolist() == groups[b]
+
+
+def test_batch_invariance(encoder, pixels, calibrated):
+    batch = pixels[:8]
+    with torch.no_grad():
+        together = encoder(batch)
+        alone = [encoder(batch[i : i + 1]) for i in range(8)]
+    assert together.lengths.tolist() == [int(o.lengths[0]) for o in alone]
+    for i, o in enumerate(alone):
+        assert torch.allclose(together.to_list()[i], o.to_list()[0], atol=1e-5)
+        assert torch.allclose(together.pooled[i], o.pooled[0], atol=1e-5)
+        assert torch.equal(together.groups[i], o.groups[0])
+
+
+def test_sizes_and_groups_account_for_every_token(encoder, pixels, calibrated):
+    with torch.no_grad():
+        out = encoder(pixels)
+    n0 = 65
+    assert torch.allclose(out.sizes.sum(1), torch.full((len(pixels),), float(n0)))
+    for b in range(len(pixels)):
+        n = int(out.lengths[b])
+        assert (out.sizes[b, n:] == 0).all()
+        counts = torch.bincount(out.groups[b], minlength=n).float()
+        assert torch.equal(counts, out.sizes[b, :n])
+
+
+def test_repetitive_image_gets_fewer_tokens_than_noise(encoder, calibrated):
+    images = torch.stack([encoder.preprocess(checkerboard()), encoder.preprocess(noise())])
+    with torch.no_grad():
+        board, rand = encoder(images).lengths.tolist()
+    assert board < rand
+
+
+def test_low_precision_runs_and_accounts(encoder, pixels, calibrated):
+    enc = dymu.build_encoder(f"{NAME}-24out", dtype=torch.bfloat16)
+    enc.set_thresholds(calibrated)
+    with torch.no_grad():
+        out = enc(pixels)
+    assert out.tokens.dtype == torch.bfloat16 and out.sizes.dtype == torch.float32
+    assert torch.allclose(out.sizes.sum(1), torch.full((len(pixels),), 65.0))
+    assert torch.isfinite(out.tokens.float()).all()
+
+
+def test_missing_thresholds_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("DYMU_THRESHOLDS", str(tmp_path))
+    with pytest.raises(dymu.DyMUError, match="dymu-find-thresholds"):
+        dymu.load_encoder(NAME)
+    (tmp_path / f"{NAME}.safetensors").write_bytes(b"")
+    with pytest.raises(dymu.DyMUError, match="not a dymu thresholds file"):
+        dymu.load_encoder(NAME)
+
+
+def test_thresholds_found_by_name(monkeypatch, tmp_path, calibrated):
+    monkeypatch.setenv("DYMU_THRESHOLDS", str(tmp_path))
+    calibrated.save(tmp_path / f"{NAME}-24out.safetensors")
+    enc = dymu.load_encoder(f"{NAME}-24out")
+    assert torch.allclose(enc.thresholds.thresholds, calibrated.thresholds)
