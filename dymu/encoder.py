@@ -12,7 +12,7 @@ from torch import nn
 
 from .adapters import TowerAdapter
 from .errors import DyMUError
-from .merge import batch_rule, bipartite_scores, plan_merge, threshold_rule
+from .merge import Packing, batch_rule, bipartite_scores, plan_merge, threshold_rule
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -157,33 +157,36 @@ class DyMUEncoder(nn.Module):
         num_run = self.num_run if num_run is None else num_run
         param = next(tower.parameters())
         x = tower.embed(pixel_values.to(device=param.device, dtype=param.dtype))
-        bsz, n, dim = x.shape
-        heads = tower.num_heads
-        lengths = torch.full((bsz,), n, device=x.device, dtype=torch.long)
-        groups = torch.arange(n, device=x.device).expand(bsz, n)
-        sizes: torch.Tensor | None = None
+        bsz, n0, dim = x.shape
+        dev, heads = x.device, tower.num_heads
+        packing = Packing.from_lengths([n0] * bsz, dev)
+        x = x.reshape(bsz * n0, dim)  # packed: (sum of lengths, D)
+        lengths = torch.full((bsz,), n0, device=dev, dtype=torch.long)
+        groups = torch.arange(n0, device=dev).expand(bsz, n0)
+        sizes: torch.Tensor | None = None  # (T,) float32 once anything merged
         block_lengths = []
         for block in range(num_run):
             q, k, v = tower.qkv(block, x)
-            bias = None if sizes is None else sizes.log()[:, None, None, :].to(q.dtype)
-            x = x + tower.attn_out(block, _attend(q, k, v, heads, bias))
+            x = x + tower.attn_out(block, _attend(q, k, v, heads, packing, sizes))
             rule = rules[block] if block < len(rules) else None
+            n = packing.width
             if rule is not None and n - self.protected >= 2:
-                metric = k.reshape(bsz, n, heads, dim // heads).mean(dim=2)
+                metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
                 node_max, node_idx = bipartite_scores(metric, lengths, self.protected)
-                merged = rule(node_max, lengths, n)
-                plan = plan_merge(merged, node_idx, lengths, n, reorder_all=reorder_all)
+                plan = plan_merge(rule(node_max, lengths, n), node_idx, lengths, n, reorder_all)
                 if plan is not None:
-                    x, sizes = plan.merge(x, sizes, lengths)
+                    after = Packing.from_lengths(list(plan.host_lengths), dev)
+                    x, sizes = plan.merge(x, sizes, packing, after)
                     groups = plan.track(groups)
-                    lengths, n = plan.lengths, plan.length
+                    lengths, packing = plan.lengths, after
             x = x + tower.mlp(block, x)
             block_lengths.append(lengths)
         if sizes is None:
-            sizes = torch.ones(bsz, n, device=x.device, dtype=torch.float32)
-        pooled = tower.pool(x, sizes) if head and num_run == tower.num_blocks else None
+            sizes = torch.ones(x.shape[0], device=dev, dtype=torch.float32)
+        tokens, sizes = packing.pad(x), packing.pad(sizes)
+        pooled = tower.pool(tokens, sizes) if head and num_run == tower.num_blocks else None
         out = EncoderOutput(
-            tokens=x,
+            tokens=tokens,
             lengths=lengths,
             sizes=sizes,
             groups=groups,
@@ -194,13 +197,41 @@ class DyMUEncoder(nn.Module):
 
 
 def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, bias: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    packing: Packing,
+    sizes: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Multi-head attention with a broadcast ``(B, 1, 1, N)`` key bias (proportional attention)."""
-    bsz, n, dim = q.shape
+    """Multi-head attention on packed tokens, each image attending only to itself.
+
+    Proportional attention adds ``log(size)`` of every key as a broadcast ``(b, 1, 1, n)``
+    bias. Images of equal length share one batched call; otherwise one call per image, so
+    no image pays for the longest one.
+    """
+    lengths = packing.lengths
+    if len(set(lengths)) == 1:
+        return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
+    parts = zip(q.split(lengths), k.split(lengths), v.split(lengths), sizes.split(lengths),
+                lengths, strict=True)
+    return torch.cat([_sdpa(qi, ki, vi, si, heads, 1, n) for qi, ki, vi, si, n in parts])
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sizes: torch.Tensor | None,
+    heads: int,
+    bsz: int,
+    n: int,
+) -> torch.Tensor:
+    dim = q.shape[-1]
     q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    bias = None if sizes is None else sizes.log().view(bsz, 1, 1, n).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return out.transpose(1, 2).reshape(bsz, n, dim)
+    return out.transpose(1, 2).reshape(bsz * n, dim)
 
 
 def _drop_cls(out: EncoderOutput) -> EncoderOutput:

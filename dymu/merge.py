@@ -6,7 +6,8 @@ Pure tensor functions, in the spirit of ToMe's ``merge.py``: a matcher scores A/
 passed in and returned explicitly. Nothing here imports the rest of the package.
 
 Shapes: ``B`` images, ``N`` current (padded) tokens, A = even positions, B = odd positions.
-Padding always sits at the end of each row; ``lengths[b]`` counts the real tokens.
+Matching works on a padded view (padding at the end of each row, ``lengths[b]`` real
+tokens); merging works on packed tokens (:class:`Packing`).
 """
 
 from __future__ import annotations
@@ -80,34 +81,64 @@ def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, t
 
 
 @dataclass(frozen=True)
+class Packing:
+    """Where each image's tokens sit in a packed ``(T, D)`` tensor (``T = sum(lengths)``).
+
+    Per-token work (norms, projections, MLPs, merging) runs on the packed tensor, so no
+    image pays for another's length; only scoring uses a small padded view.
+    """
+
+    lengths: tuple[int, ...]
+    batch: torch.Tensor  # (T,) image of every packed token
+    pos: torch.Tensor  # (T,) position of every packed token within its image
+    offsets: torch.Tensor  # (B,) first packed index of every image
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device) -> Packing:
+        counts = torch.tensor(lengths, device=device)
+        batch = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
+        offsets = counts.cumsum(0) - counts
+        pos = torch.arange(batch.numel(), device=device) - offsets[batch]
+        return cls(tuple(lengths), batch, pos, offsets)
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+    def pad(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``(T, ...)`` -> ``(B, width, ...)`` with ``fill`` after each image's tokens."""
+        shape = (len(self.lengths), self.width, *packed.shape[1:])
+        out = packed.new_full(shape, fill)
+        out[self.batch, self.pos] = packed
+        return out
+
+
+@dataclass(frozen=True)
 class MergePlan:
-    """Where every current slot goes: ``dest (B, N)``, with ``length`` marking dropped padding."""
+    """Where every current slot goes: ``dest (B, N)`` local slots (``length`` on padding)."""
 
     dest: torch.Tensor
     lengths: torch.Tensor
     length: int
+    host_lengths: tuple[int, ...]
 
     def merge(
-        self, x: torch.Tensor, sizes: torch.Tensor | None, lengths: torch.Tensor
+        self, x: torch.Tensor, sizes: torch.Tensor | None, before: Packing, after: Packing
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Size-weighted mean of each group, accumulated in float32; returns (x, sizes).
+        """Size-weighted mean of each group on packed tokens, accumulated in float32.
 
-        ``sizes`` is ``(B, N)`` float32 with 0 on padding (``None`` means all real tokens
-        have size 1). The returned sizes have 0 on the new padding slots.
+        ``x`` is ``(T, D)`` packed by ``before``; ``sizes`` ``(T,)`` float32 (``None``: all
+        ones). Returns ``(T', D)`` packed by ``after`` and the new sizes ``(T',)``.
         """
-        bsz, n, dim = x.shape
+        target = after.offsets[before.batch] + self.dest[before.batch, before.pos]
         if sizes is None:
-            sizes = (torch.arange(n, device=x.device)[None, :] < lengths[:, None]).float()
-        slots = self.length + 1  # one extra slot per row swallows the padding
-        flat = (self.dest + torch.arange(bsz, device=x.device)[:, None] * slots).reshape(-1)
-        acc = torch.zeros(bsz * slots, dim, device=x.device, dtype=torch.float32)
-        acc.index_add_(0, flat, (x.float() * sizes[..., None]).reshape(-1, dim))
-        new_sizes = torch.zeros(bsz * slots, device=x.device, dtype=torch.float32)
-        new_sizes.index_add_(0, flat, sizes.reshape(-1))
-        acc = acc.view(bsz, slots, dim)[:, : self.length]
-        new_sizes = new_sizes.view(bsz, slots)[:, : self.length]
-        out = acc / new_sizes.clamp(min=1e-6)[..., None]
-        return out.to(x.dtype), new_sizes
+            sizes = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
+        total = sum(after.lengths)
+        acc = torch.zeros(total, x.shape[1], device=x.device, dtype=torch.float32)
+        acc.index_add_(0, target, x.float() * sizes[:, None])
+        new_sizes = torch.zeros(total, device=x.device, dtype=torch.float32)
+        new_sizes.index_add_(0, target, sizes)
+        return (acc / new_sizes[:, None]).to(x.dtype), new_sizes
 
     def track(self, groups: torch.Tensor) -> torch.Tensor:
         """Follow original tokens to their new slot: ``groups (B, N0)`` -> ``(B, N0)``."""
@@ -126,8 +157,8 @@ def plan_merge(
     New order per image: ``[unmerged A tokens in order, all B tokens in order]``, padding
     last. An image without merges keeps its order unless ``reorder_all`` (calibration, which
     reorders every image at every merging block, as the published reference does).
-    Reads two integers back to the host (the new padded length and whether anything merged):
-    the only sync per merging block, needed to size the shorter tensors.
+    Reads the new lengths back to the host in one small transfer: the only sync per merging
+    block, needed to size the shorter tensors.
     """
     dev = merged.device
     pos = torch.arange(n, device=dev)
@@ -137,9 +168,10 @@ def plan_merge(
     n_keep = keep_a.sum(-1, keepdim=True)
     count = merged.sum(-1)
     new_lengths = lengths - count
-    length, any_merge = torch.stack([new_lengths.max(), count.max()]).tolist()
+    *host_lengths, any_merge = torch.cat([new_lengths, count.max()[None]]).tolist()
     if any_merge == 0 and not reorder_all:
         return None
+    length = max(host_lengths)
     dest = torch.empty_like(real, dtype=torch.long)
     slot_a = torch.where(keep_a, keep_a.cumsum(-1) - 1, length)
     dest[:, ::2] = torch.where(merged, n_keep + node_idx, slot_a)
@@ -148,4 +180,4 @@ def plan_merge(
     if not reorder_all:
         identity = torch.where(real, pos[None, :], length)
         dest = torch.where((count > 0)[:, None], dest, identity)
-    return MergePlan(dest=dest, lengths=new_lengths, length=int(length))
+    return MergePlan(dest, new_lengths, int(length), tuple(host_lengths))

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from dymu.merge import batch_rule, bipartite_scores, plan_merge, threshold_rule
+from dymu.merge import Packing, batch_rule, bipartite_scores, plan_merge, threshold_rule
 
 INF = math.inf
 
@@ -68,21 +68,22 @@ def test_merge_order_sizes_and_groups():
     merged = torch.tensor([[False, True, False, True]])
     node_idx = torch.tensor([[0, 2, 0, 2]])
     plan = plan_merge(merged, node_idx, lengths, 7)
-    assert plan.length == 5 and plan.lengths.tolist() == [5]
-    out, sizes = plan.merge(x, None, lengths)
+    assert plan.length == 5 and plan.lengths.tolist() == [5] and plan.host_lengths == (5,)
+    before, after = Packing.from_lengths([7], x.device), Packing.from_lengths([5], x.device)
+    out, sizes = plan.merge(x[0], None, before, after)
     # order: unmerged A (pos 0, 4), then B (pos 1, 3, 5); B2 holds mean(5, 2, 6)
-    assert torch.allclose(out[0, :, 0], torch.tensor([0.0, 4.0, 1.0, 3.0, (5 + 2 + 6) / 3]))
-    assert sizes[0].tolist() == [1, 1, 1, 1, 3]
+    assert torch.allclose(out[:, 0], torch.tensor([0.0, 4.0, 1.0, 3.0, (5 + 2 + 6) / 3]))
+    assert sizes.tolist() == [1, 1, 1, 1, 3]
     groups = plan.track(torch.arange(7)[None])
     assert groups[0].tolist() == [0, 2, 4, 3, 1, 4, 4]
     # a second merge weights by size: A2 (slot 4, value 13/3, size 3) into B0 (slot 1,
     # value 4) gives (13 + 4) / 4; new order: A0 (slot 0), A1 (slot 2), B0, B1 (slot 3)
     merged = torch.tensor([[False, False, True]])
     plan2 = plan_merge(merged, torch.tensor([[0, 0, 0]]), plan.lengths, 5)
-    out2, sizes2 = plan2.merge(out, sizes, plan.lengths)
-    assert torch.allclose(out2[0, :, 0], torch.tensor([0.0, 1.0, (13 + 4) / 4, 3.0]))
-    assert sizes2[0].tolist() == [1, 1, 4, 1]
-    assert torch.bincount(plan2.track(groups)[0]).tolist() == sizes2[0].int().tolist()
+    out2, sizes2 = plan2.merge(out, sizes, after, Packing.from_lengths([4], x.device))
+    assert torch.allclose(out2[:, 0], torch.tensor([0.0, 1.0, (13 + 4) / 4, 3.0]))
+    assert sizes2.tolist() == [1, 1, 4, 1]
+    assert torch.bincount(plan2.track(groups)[0]).tolist() == sizes2.int().tolist()
 
 
 def test_merge_pads_and_keeps_unmerged_images_in_order():
@@ -90,15 +91,16 @@ def test_merge_pads_and_keeps_unmerged_images_in_order():
     lengths = torch.tensor([5, 5])
     merged = torch.tensor([[False, True, False], [False, False, False]])
     plan = plan_merge(merged, torch.tensor([[0, 0, 0], [0, 0, 0]]), lengths, 5)
-    out, sizes = plan.merge(x, None, lengths)
     assert plan.lengths.tolist() == [4, 5] and plan.length == 5
-    assert torch.equal(out[1], x[1])  # no merge: order and values unchanged
-    assert sizes[0].tolist() == [1, 1, 2, 1, 0]  # padding slot has size 0
-    assert torch.allclose(out[0, 2], (x[0, 1] + x[0, 2]) / 2)
+    before, after = Packing.from_lengths([5, 5], x.device), Packing.from_lengths([4, 5], x.device)
+    out, sizes = plan.merge(x.reshape(10, 3), None, before, after)
+    assert torch.equal(out[4:], x[1])  # no merge: order and values unchanged
+    assert after.pad(sizes)[0].tolist() == [1, 1, 2, 1, 0]  # padded view: size 0
+    assert torch.allclose(out[2], (x[0, 1] + x[0, 2]) / 2)
     # calibration reorders every image, merged or not: [A0, A1, A2, B0, B1]
     plan = plan_merge(merged, torch.zeros(2, 3, dtype=torch.long), lengths, 5, reorder_all=True)
-    out, _ = plan.merge(x, None, lengths)
-    assert torch.equal(out[1], x[1, [0, 2, 4, 1, 3]])
+    out, _ = plan.merge(x.reshape(10, 3), None, before, after)
+    assert torch.equal(out[4:], x[1, [0, 2, 4, 1, 3]])
 
 
 def test_nothing_merged_is_no_plan():

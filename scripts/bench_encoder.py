@@ -1,0 +1,274 @@
+"""Benchmark DyMU encoders against vanilla open_clip towers, and check the speedup is real.
+
+For every model: build the encoder with random (seeded) weights, calibrate thresholds on the
+bundled photos (``examples/images.json``), then time the vanilla tower
+(``enc.tower.visual(pixels)``) and the merging encoder (``enc(pixels)``) interleaved in one
+run: warmup reps first, then vanilla/dymu reps alternating (the order flips every rep), and
+medians of each.
+
+Batch 1 uses one photo: by default the one whose final dymu token count is the median over
+the bundled photos (``--b1-image`` picks another). Larger batches take the photos in list
+order, cycled to fill the batch.
+
+The FLOP bound is vanilla FLOPs / dymu FLOPs at the measured per-block token counts, per
+image (qkv ``2nD*3D``, out projection ``2nD^2``, attention ``4n^2D`` at the attention's n, MLP
+``4nD*mlp`` at the post-merge n, patch embedding identical for both), dymu FLOPs averaged
+over the batch's images. ``pad bound`` is the same at the batch's padded length: what an
+implementation that pads every image to the longest would be limited to (dymu packs tokens,
+so it is not). ``ratio`` = speedup / bound; targets: >= 0.85 at batch 1, >= 0.75 at larger
+batches. ``no-merge ms`` times dymu's own block loop with merging off, so ``vs no-merge``
+shows the gain of merging alone, apart from the attention kernel (open_clip's
+``nn.MultiheadAttention`` path vs ``scaled_dot_product_attention``).
+
+Run from the repository root::
+
+    python scripts/bench_encoder.py
+    python scripts/bench_encoder.py --models ViT-B-16-tome-100out --batch-sizes 1 8 --reps 10
+    python scripts/bench_encoder.py --threads 2 --plot bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import dymu
+from dymu.data import load_rgb, read_image_list
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = ["ViT-B-16-tome-100out", "ViT-L-14-336-tome-72out"]
+# Default timed reps per model (ViT-L-14-336 at batch 8 takes ~10 s a forward on 2 cores).
+DEFAULT_REPS = {"ViT-B-16-tome-100out": 10, "ViT-L-14-336-tome-72out": 5}
+TARGETS = {1: 0.85}  # batch size -> minimum speedup/bound ratio
+TARGET_OTHER = 0.75
+
+
+@dataclass
+class Row:
+    model: str
+    batch: int
+    vanilla_ms: float
+    dymu_ms: float
+    plain_ms: float  # dymu's loop with merging off
+    bound: float
+    pad_bound: float
+    final_tokens: float
+    block_tokens: list[float]
+
+    @property
+    def speedup(self) -> float:
+        return self.vanilla_ms / self.dymu_ms
+
+    @property
+    def merge_speedup(self) -> float:
+        return self.plain_ms / self.dymu_ms
+
+    @property
+    def ratio(self) -> float:
+        return self.speedup / self.bound
+
+    @property
+    def target(self) -> float:
+        return TARGETS.get(self.batch, TARGET_OTHER)
+
+
+def tower_dims(enc: dymu.DyMUEncoder) -> tuple[int, int, int, int]:
+    """(width D, MLP width, tokens entering block 0, patch-embedding FLOPs per image)."""
+    visual = enc.tower.visual
+    block = visual.transformer.resblocks[0]
+    dim = block.attn.embed_dim
+    mlp_width = block.mlp.c_fc.out_features
+    n0 = enc.tower.num_tokens
+    conv = visual.conv1
+    patch_flops = 2 * (n0 - 1) * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * dim
+    return dim, mlp_width, n0, patch_flops
+
+
+def block_flops(n_attn: float, n_mlp: float, dim: int, mlp_width: int) -> float:
+    qkv = 2 * n_attn * dim * 3 * dim
+    out = 2 * n_attn * dim * dim
+    attn = 2 * 2 * n_attn * n_attn * dim
+    mlp = 2 * 2 * n_mlp * dim * mlp_width
+    return qkv + out + attn + mlp
+
+
+def image_flops(counts: list[float], n0: int, dim: int, mlp_width: int, patch: int) -> float:
+    """FLOPs of one image whose token count after block l is ``counts[l]``."""
+    total = float(patch)
+    n_in = n0
+    for n_out in counts:
+        total += block_flops(n_in, n_out, dim, mlp_width)
+        n_in = n_out
+    return total
+
+
+def flop_bounds(enc: dymu.DyMUEncoder, block_lengths: torch.Tensor) -> tuple[float, float]:
+    """(bound at per-image counts, bound at the batch's padded counts)."""
+    dim, mlp_width, n0, patch = tower_dims(enc)
+    blocks = block_lengths.shape[1]
+    vanilla = image_flops([n0] * blocks, n0, dim, mlp_width, patch)
+    per_image = [image_flops(row, n0, dim, mlp_width, patch) for row in block_lengths.tolist()]
+    padded = image_flops(block_lengths.max(0).values.tolist(), n0, dim, mlp_width, patch)
+    return vanilla / statistics.fmean(per_image), vanilla / padded
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int
+) -> dict[str, float]:
+    """Median ms of each function, interleaved; the order rotates every rep."""
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    items = list(fns.items())
+    for rep in range(warmup + reps):
+        shift = rep % len(items)
+        for key, fn in items[shift:] + items[:shift]:
+            start = time.perf_counter()
+            fn()
+            elapsed = (time.perf_counter() - start) * 1e3
+            if rep >= warmup:
+                times[key].append(elapsed)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def bench_model(
+    name: str, data: Path, batch_sizes: list[int], reps: int, warmup: int, b1_image: int | None
+) -> list[Row]:
+    enc = dymu.build_encoder(name, pretrained=None)
+    paths = read_image_list(data)
+    pixels = torch.stack([enc.preprocess(load_rgb(p)) for p in paths])
+    calib = [pixels[i : i + 4] for i in range(0, len(pixels), 4)]
+    enc.set_thresholds(dymu.find_thresholds(enc, calib))
+    # dymu's own block loop with merging off: separates the merging gain from kernel choice
+    plain = dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval()
+    with torch.inference_mode():
+        final = torch.cat([enc(p[None]).lengths for p in pixels])
+    if b1_image is None:  # the photo with the median final token count
+        b1_image = int(final.argsort()[(len(final) - 1) // 2])
+    rows = []
+    for bsz in batch_sizes:
+        if bsz == 1:
+            batch = pixels[b1_image : b1_image + 1]
+        else:
+            batch = pixels[torch.arange(bsz) % len(pixels)]
+
+        def run_vanilla(batch: torch.Tensor = batch) -> object:
+            with torch.inference_mode():
+                return enc.tower.visual(batch)
+
+        def run_dymu(batch: torch.Tensor = batch) -> object:
+            with torch.inference_mode():
+                return enc(batch)
+
+        def run_plain(batch: torch.Tensor = batch) -> object:
+            with torch.inference_mode():
+                return plain(batch)
+
+        ms = time_interleaved(
+            {"vanilla": run_vanilla, "dymu": run_dymu, "plain": run_plain}, reps, warmup
+        )
+        with torch.inference_mode():
+            out = enc(batch)
+        bound, pad_bound = flop_bounds(enc, out.block_lengths)
+        rows.append(
+            Row(
+                model=name,
+                batch=bsz,
+                vanilla_ms=ms["vanilla"],
+                dymu_ms=ms["dymu"],
+                plain_ms=ms["plain"],
+                bound=bound,
+                pad_bound=pad_bound,
+                final_tokens=out.lengths.float().mean().item(),
+                block_tokens=out.block_lengths.float().mean(0).tolist(),
+            )
+        )
+    return rows
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'model':<24} {'batch':>5} {'vanilla ms':>11} {'dymu ms':>9} {'speedup':>8} "
+        f"{'no-merge ms':>11} {'vs no-merge':>11} "
+        f"{'tokens':>7} {'bound':>6} {'pad bound':>9} {'ratio':>6} {'target':>6}  result"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        result = "PASS" if r.ratio >= r.target else "MISS"
+        print(
+            f"{r.model:<24} {r.batch:>5} {r.vanilla_ms:>11.1f} {r.dymu_ms:>9.1f} "
+            f"{r.speedup:>7.2f}x {r.plain_ms:>11.1f} {r.merge_speedup:>10.2f}x "
+            f"{r.final_tokens:>7.1f} {r.bound:>5.2f}x {r.pad_bound:>8.2f}x "
+            f"{r.ratio:>6.2f} {r.target:>6.2f}  {result}"
+        )
+    print()
+    print("speedup = vanilla open_clip / dymu; 'vs no-merge' = dymu's own loop without merging /")
+    print("dymu (the part of the gain that comes from merging, not from the attention kernel).")
+    print("mean tokens per image after each block:")
+    for r in rows:
+        blocks = " ".join(f"{v:.0f}" for v in r.block_tokens)
+        print(f"  {r.model} b{r.batch}: {blocks}")
+
+
+def plot(rows: list[Row], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: skipping the plot {path}")
+        return
+    labels = [f"{r.model.split('-tome')[0]}\nb{r.batch}" for r in rows]
+    xs = range(len(rows))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    ax.bar([x - width / 2 for x in xs], [r.speedup for r in rows], width, label="measured")
+    ax.bar([x + width / 2 for x in xs], [r.bound for r in rows], width, label="FLOP bound")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("speedup over vanilla")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot written to {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed reps (default: 10 for B, 5 for L)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed reps first")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--data", type=Path, default=ROOT / "examples" / "images.json")
+    parser.add_argument(
+        "--b1-image", type=int, default=None, help="photo index for batch 1 (default: median)"
+    )
+    parser.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
+    args = parser.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows = []
+    start = time.perf_counter()
+    for name in args.models:
+        reps = args.reps if args.reps is not None else DEFAULT_REPS.get(name, 5)
+        rows += bench_model(name, args.data, args.batch_sizes, reps, args.warmup, args.b1_image)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
