@@ -1,107 +1,302 @@
-"""Image sources for calibration: a JSON list of ``{"image": path}`` entries."""
+"""Image sources for calibration: JSON lists, folders and webdataset shards, streamed in order.
+
+Every source yields :class:`RawItem` s in a fixed order; item ``i`` belongs to global batch
+``i // batch_size``. A bad item is reported in place (its batch just gets smaller), so skips
+never shift which images form the other batches.
+"""
 
 from __future__ import annotations
 
+import io
 import json
+import random
+import tarfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DyMUError
 
-
-def read_image_list(path: str | Path, image_root: str | Path | None = None) -> list[Path]:
-    """Paths from a JSON list of ``{"image": "relative/path.jpg", ...}`` (other keys ignored).
-
-    Relative paths resolve against ``image_root`` (default: the JSON's folder). Every entry
-    is checked up front, so a bad list fails before any model work.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DyMUError(f"data file not found: {path}")
-    try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DyMUError(f"{path} is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:
-        raise DyMUError(f"{path} is not a JSON text file") from None
-    if not isinstance(entries, list):
-        raise DyMUError(
-            f'{path} must hold a JSON list of {{"image": ...}} entries, '
-            f"not a {type(entries).__name__}"
-        )
-    if not entries:
-        raise DyMUError(f"{path} lists no images")
-    root = Path(image_root) if image_root is not None else path.parent
-    paths = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-            raise DyMUError(f'{path}: entry {i} has no "image" path: {json.dumps(entry)[:80]}')
-        image = root / entry["image"]
-        if not image.is_file():
-            raise DyMUError(f"{path}: entry {i}: image not found: {image}")
-        paths.append(image)
-    return paths
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "image", "img")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image as RGB (grayscale, palette and alpha images are converted)."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DyMUError(f"cannot read image {path}: {exc}") from None
+@dataclass(frozen=True)
+class RawItem:
+    """One image before decoding: a file, or bytes from a shard (``key`` names it in reports)."""
+
+    key: str
+    path: Path | None = None
+    data: bytes | None = None
+    error: str | None = None  # known bad before decoding (e.g. a shard sample with no image)
 
 
-class ImageFiles(Dataset):
-    """Preprocessed images from a list of paths; errors come back as values, not exceptions.
+class JsonSource:
+    """A JSON list of ``{"image": "relative/path.jpg", ...}`` (other keys ignored)."""
 
-    Returning ``(None, message)`` keeps worker tracebacks out of the user's terminal and lets
-    the caller decide what a bad image means.
-    """
-
-    def __init__(self, paths: list[Path], preprocess: Callable[[Image.Image], torch.Tensor]):
-        self.paths = paths
-        self.preprocess = preprocess
+    def __init__(self, path: Path, image_root: str | Path | None = None) -> None:
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DyMUError(f"{path} is not valid JSON: {exc}") from None
+        except UnicodeDecodeError:
+            raise DyMUError(f"{path} is not a JSON text file") from None
+        if not isinstance(entries, list):
+            raise DyMUError(
+                f'{path} must hold a JSON list of {{"image": ...}} entries, '
+                f"not a {type(entries).__name__}"
+            )
+        if not entries:
+            raise DyMUError(f"{path} lists no images")
+        root = Path(image_root) if image_root is not None else path.parent
+        self.paths = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                raise DyMUError(f'{path}: entry {i} has no "image" path: {json.dumps(entry)[:80]}')
+            self.paths.append(root / entry["image"])
+        self.description = f"{path} ({len(self.paths)} entries)"
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | None, str | None]:
-        try:
-            return self.preprocess(load_rgb(self.paths[index])), None
-        except DyMUError as exc:
-            return None, str(exc)
+    def __iter__(self) -> Iterator[RawItem]:
+        return (RawItem(str(p), path=p) for p in self.paths)
 
 
-def _collate(items: list[tuple[torch.Tensor | None, str | None]]):
-    return items
+class FolderSource:
+    """Every image file under a folder, recursively, in sorted path order."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = sorted(
+            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        self.description = f"{root}/ ({len(self.paths)} images)"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[RawItem]:
+        return (RawItem(str(p), path=p) for p in self.paths)
 
 
-def iterate_batches(
-    paths: list[Path],
-    preprocess: Callable[[Image.Image], torch.Tensor],
-    batch_size: int,
-    num_workers: int = 0,
-) -> Iterator[torch.Tensor]:
-    """Batches of preprocessed images in list order; decoding runs in ``num_workers`` workers.
+class ShardSource:
+    """webdataset tar shards (``'train-{000..099}.tar'``), read as a stream, one image a sample."""
 
-    A file that cannot be decoded ends the run with a :class:`DyMUError` naming it.
+    def __init__(self, pattern: str) -> None:
+        from webdataset.shardlists import expand_urls
+
+        self.shards = [Path(u) for u in expand_urls(pattern)]
+        missing = [str(s) for s in self.shards if not s.is_file()]
+        if missing:
+            raise DyMUError(f"shard not found: {missing[0]} ({len(missing)} missing)")
+        self.description = f"{pattern} ({len(self.shards)} shards)"
+
+    def __iter__(self) -> Iterator[RawItem]:
+        for shard in self.shards:
+            yield from _shard_samples(shard)
+
+
+def _shard_samples(shard: Path) -> Iterator[RawItem]:
+    """Group tar members by webdataset key (the path up to the first dot of the file name)."""
+    key, files = None, {}
+    try:
+        with tarfile.open(shard, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, ext = name.partition(".")
+                sample = f"{folder}/{stem}" if folder else stem
+                if sample != key and key is not None:
+                    yield _sample_item(shard, key, files)
+                    files = {}
+                key = sample
+                files[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        yield RawItem(f"{shard}", error=f"broken shard: {exc}")
+        return
+    if key is not None:
+        yield _sample_item(shard, key, files)
+
+
+def _sample_item(shard: Path, key: str, files: dict[str, bytes]) -> RawItem:
+    for ext in SHARD_IMAGE_KEYS:
+        if ext in files:
+            return RawItem(f"{shard}:{key}", data=files[ext])
+    return RawItem(f"{shard}:{key}", error=f"no image in sample (keys: {', '.join(files)})")
+
+
+def open_source(spec: str, image_root: str | Path | None = None):
+    """A JSON list file, a folder, or a webdataset shard pattern."""
+    path = Path(spec)
+    if ".tar" in spec or "{" in spec:
+        return ShardSource(spec)
+    if path.is_dir():
+        return FolderSource(path)
+    if path.is_file():
+        return JsonSource(path, image_root)
+    raise DyMUError(f"data not found: {spec} (give a JSON list, a folder or tar shards)")
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as RGB; raises :class:`DyMUError` naming what is wrong."""
+    image, reason = _open(RawItem(str(path), path=Path(path)))
+    if image is None:
+        raise DyMUError(f"cannot read image {path}: {reason}")
+    return image
+
+
+def _open(item: RawItem) -> tuple[Image.Image | None, str | None]:
+    """Decode and convert to RGB, or say why not (missing, empty, truncated, ...)."""
+    if item.error is not None:
+        return None, item.error
+    try:
+        if item.path is not None:
+            if not item.path.is_file():
+                return None, "missing file"
+            if item.path.stat().st_size == 0:
+                return None, "empty file"
+            img = Image.open(item.path)
+        else:
+            if not item.data:
+                return None, "empty file"
+            img = Image.open(io.BytesIO(item.data))
+        with img:
+            img.load()
+            return to_rgb(img), None
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except OSError as exc:
+        text = str(exc)
+        return None, "truncated" if "truncated" in text else f"undecodable: {text}"
+    except (ValueError, SyntaxError) as exc:  # PIL raises these for some corrupt files
+        return None, f"undecodable: {exc}"
+    except DyMUError as exc:
+        return None, str(exc)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from the usual modes: grayscale, palette (with transparency), RGBA, CMYK, 16-bit."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if img.mode != "I" or arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / scale * 255).clip(0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        raise DyMUError("unsupported mode F (floating-point image)")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+@dataclass
+class Item:
+    """A decoded stream item: ``pixels`` is ``None`` when it was skipped (``reason`` says why)."""
+
+    index: int
+    key: str
+    pixels: torch.Tensor | None
+    reason: str | None
+
+
+class ImageStream(IterableDataset):
+    """Decode and preprocess the items a process keeps, split over DataLoader workers.
+
+    ``keep(index)`` selects this process's share (resume position, rank). Worker ``w`` of
+    ``W`` takes every ``W``-th kept item; DataLoader's round-robin then returns them in
+    stream order. An optional shuffle buffer (seeded) reorders the stream identically in
+    every worker and process.
     """
-    loader = DataLoader(
-        ImageFiles(paths, preprocess),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-    )
-    for items in loader:
-        for _, error in items:
-            if error is not None:
-                raise DyMUError(error)
-        yield torch.stack([pixels for pixels, _ in items])
+
+    def __init__(
+        self,
+        source,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        keep: Callable[[int], bool] = lambda index: True,
+        max_images: int | None = None,
+        shuffle_seed: int | None = None,
+        shuffle_buffer: int = 1000,
+    ) -> None:
+        self.source = source
+        self.preprocess = preprocess
+        self.keep = keep
+        self.max_images = max_images
+        self.shuffle_seed = shuffle_seed
+        self.shuffle_buffer = shuffle_buffer
+
+    def ordered(self) -> Iterator[RawItem]:
+        items = iter(self.source)
+        if self.shuffle_seed is not None:
+            items = _shuffled(items, self.shuffle_buffer, self.shuffle_seed)
+        for index, item in enumerate(items):
+            if self.max_images is not None and index >= self.max_images:
+                return
+            yield item
+
+    def __iter__(self) -> Iterator[Item]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        kept = 0
+        for index, raw in enumerate(self.ordered()):
+            if not self.keep(index):
+                continue
+            if kept % workers == worker:
+                image, reason = _open(raw)
+                pixels = self.preprocess(image) if image is not None else None
+                yield Item(index, raw.key, pixels, reason)
+            kept += 1
+
+
+def _shuffled(items: Iterator[RawItem], size: int, seed: int) -> Iterator[RawItem]:
+    rng = random.Random(seed)
+    buffer: list[RawItem] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buffer[j]
+        buffer[j] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@dataclass
+class Batch:
+    """One global batch: the images that decoded, and the ones skipped."""
+
+    index: int
+    pixels: torch.Tensor | None
+    skipped: list[Item]
+
+    @property
+    def size(self) -> int:
+        return 0 if self.pixels is None else self.pixels.shape[0]
+
+
+def iterate_batches(stream: ImageStream, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
+    """Group a stream's items into global batches (``index // batch_size``), in order."""
+    loader = DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_identity)
+    current, good, bad = None, [], []
+    for item in loader:
+        number = item.index // batch_size
+        if current is not None and number != current:
+            yield _batch(current, good, bad)
+            good, bad = [], []
+        current = number
+        (good if item.pixels is not None else bad).append(item)
+    if current is not None:
+        yield _batch(current, good, bad)
+
+
+def _identity(item: Item) -> Item:
+    return item
+
+
+def _batch(number: int, good: list[Item], bad: list[Item]) -> Batch:
+    pixels = torch.stack([i.pixels for i in good]) if good else None
+    return Batch(number, pixels, bad)

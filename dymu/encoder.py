@@ -213,8 +213,14 @@ def _attend(
     lengths = packing.lengths
     if len(set(lengths)) == 1:
         return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
-    parts = zip(q.split(lengths), k.split(lengths), v.split(lengths), sizes.split(lengths),
-                lengths, strict=True)
+    parts = zip(
+        q.split(lengths),
+        k.split(lengths),
+        v.split(lengths),
+        sizes.split(lengths),
+        lengths,
+        strict=True,
+    )
     return torch.cat([_sdpa(qi, ki, vi, si, heads, 1, n) for qi, ki, vi, si, n in parts])
 
 

@@ -65,10 +65,7 @@ class Thresholds:
             "count": self.count.to(torch.int64).contiguous(),
             "r": self.r.to(torch.int64).contiguous(),
         }
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_save(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Thresholds:
@@ -118,6 +115,48 @@ class Thresholds:
             dict(metadata or {}),
         )
 
+    @classmethod
+    def from_reference_checkpoint(
+        cls, path: str | os.PathLike, num_blocks: int, r: list[int], metadata: dict[str, str]
+    ) -> Thresholds:
+        """Read a published DyMU checkpoint: one ``threshold`` buffer per block.
+
+        The state dict may sit under ``state_dict`` (or ``model``/``module``) and carry
+        ``module.`` prefixes; keys look like ``...resblocks.3.threshold`` or
+        ``blocks.3.threshold``. The number of thresholds must equal ``num_blocks``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise DyMUError(f"checkpoint not found: {path}")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # pickle, zip and torch errors alike
+            raise DyMUError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
+        for key in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise DyMUError(f"{path} holds no state dict")
+        found: dict[int, float] = {}
+        for key, value in state.items():
+            parts = str(key).split(".")
+            if parts[-1] != "threshold" or not torch.is_tensor(value) or value.numel() != 1:
+                continue
+            index = next((int(p) for p in reversed(parts[:-1]) if p.isdigit()), None)
+            if index is None:
+                raise DyMUError(f"{path}: cannot tell the block of {key!r}")
+            found[index] = float(value)
+        if not found:
+            raise DyMUError(f"{path} has no 'threshold' entries (not a DyMU checkpoint?)")
+        if sorted(found) != list(range(len(found))) or len(found) != num_blocks:
+            raise DyMUError(
+                f"{path} has thresholds for {len(found)} blocks (indices {min(found)}.."
+                f"{max(found)}) but {metadata.get('model', 'the model')} has {num_blocks}"
+            )
+        values = torch.tensor([found[i] for i in range(num_blocks)], dtype=torch.float64)
+        meta = dict(metadata, source=f"converted from {path.name}")
+        return cls.from_values(values, torch.tensor(r), meta)
+
     def check_model(
         self, model: str, base: str, num_blocks: int, source: str = "thresholds"
     ) -> None:
@@ -142,6 +181,15 @@ class Thresholds:
         meta = dict(self.metadata)
         meta["images"] = str(int(meta.get("images", 0)) + int(other.metadata.get("images", 0)))
         return Thresholds(self.sum + other.sum, self.count + other.count, self.r.clone(), meta)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict) -> None:
+    """Write a safetensors file so that a crash never leaves a half-written one behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
 
 
 def _check_values(values: torch.Tensor, source: str) -> None:

@@ -129,7 +129,7 @@ def write(tmp_path, name, text):
         ('{"image": "a.jpg"}', "must hold a JSON list"),
         ("[]", "lists no images"),
         ('[{"path": "a.jpg"}]', 'entry 0 has no "image" path'),
-        ('[{"image": "missing.jpg"}]', "image not found"),
+        ('[{"image": "missing.jpg"}]', "no usable images"),
     ],
 )
 def test_bad_data_files(tmp_path, capsys, content, message):
@@ -137,20 +137,21 @@ def test_bad_data_files(tmp_path, capsys, content, message):
     code, _, err = run(
         find_thresholds_main, ["--data", data, "--model", MODEL, "--pretrained", "none"], capsys
     )
-    assert code == 2
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # one line, after any progress bar
+    assert last.startswith("dymu-find-thresholds: error:") and message in last
 
 
-def test_undecodable_image(tmp_path, capsys):
+def test_undecodable_image_is_skipped_or_fatal_with_strict(tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     data = write(tmp_path, "d.json", json.dumps([{"image": "bad.jpg"}]))
-    code, _, err = run(
-        find_thresholds_main,
-        ["--data", data, "--model", MODEL, "--pretrained", "none", "--num-workers", "1"],
-        capsys,
-    )
-    assert code == 2 and "cannot read image" in err and "bad.jpg" in err
-    assert "Traceback" not in err
+    args = ["--data", data, "--model", MODEL, "--pretrained", "none", "--num-workers", "1"]
+    code, _, err = run(find_thresholds_main, args, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "no usable images" in last and "bad.jpg: not an image" in last
+    code, _, err = run(find_thresholds_main, [*args, "--strict"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "bad image" in last and "bad.jpg" in last and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
