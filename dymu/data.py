@@ -36,7 +36,19 @@ class RawItem:
     error: str | None = None  # known bad before decoding (e.g. a shard sample with no image)
 
 
-class JsonSource:
+class FileList:
+    """A source that is a known list of image files."""
+
+    paths: list[Path]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self) -> Iterator[RawItem]:
+        return (RawItem(str(p), path=p) for p in self.paths)
+
+
+class JsonSource(FileList):
     """A JSON list of ``{"image": "relative/path.jpg", ...}`` (other keys ignored)."""
 
     def __init__(self, path: Path, image_root: str | Path | None = None) -> None:
@@ -59,29 +71,15 @@ class JsonSource:
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                 raise DyMUError(f'{path}: entry {i} has no "image" path: {json.dumps(entry)[:80]}')
             self.paths.append(root / entry["image"])
-        self.description = f"{path} ({len(self.paths)} entries)"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __iter__(self) -> Iterator[RawItem]:
-        return (RawItem(str(p), path=p) for p in self.paths)
 
 
-class FolderSource:
+class FolderSource(FileList):
     """Every image file under a folder, recursively, in sorted path order."""
 
     def __init__(self, root: Path) -> None:
         self.paths = sorted(
             p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
-        self.description = f"{root}/ ({len(self.paths)} images)"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __iter__(self) -> Iterator[RawItem]:
-        return (RawItem(str(p), path=p) for p in self.paths)
 
 
 class ShardSource:
@@ -94,7 +92,6 @@ class ShardSource:
         missing = [str(s) for s in self.shards if not s.is_file()]
         if missing:
             raise DyMUError(f"shard not found: {missing[0]} ({len(missing)} missing)")
-        self.description = f"{pattern} ({len(self.shards)} shards)"
 
     def __iter__(self) -> Iterator[RawItem]:
         for shard in self.shards:
@@ -131,7 +128,9 @@ def _sample_item(shard: Path, key: str, files: dict[str, bytes]) -> RawItem:
     return RawItem(f"{shard}:{key}", error=f"no image in sample (keys: {', '.join(files)})")
 
 
-def open_source(spec: str, image_root: str | Path | None = None):
+def open_source(
+    spec: str, image_root: str | Path | None = None
+) -> JsonSource | FolderSource | ShardSource:
     """A JSON list file, a folder, or a webdataset shard pattern."""
     path = Path(spec)
     if ".tar" in spec or "{" in spec:

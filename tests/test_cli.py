@@ -41,48 +41,34 @@ def mixed_dir(photo_dir, tmp_path_factory):
     return root
 
 
+def calibrate_args(data, out, workers: int) -> list[str]:
+    return [
+        "--data",
+        str(data),
+        "--model",
+        MODEL,
+        "--pretrained",
+        "none",
+        "--batch-size",
+        "5",
+        "--num-workers",
+        str(workers),
+        "--out",
+        str(out),
+    ]
+
+
 @pytest.fixture(scope="module")
 def thresholds_file(mixed_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("th") / "t.safetensors"
-    code = find_thresholds_main(
-        [
-            "--data",
-            str(mixed_dir / "images.json"),
-            "--model",
-            MODEL,
-            "--pretrained",
-            "none",
-            "--batch-size",
-            "5",
-            "--num-workers",
-            "0",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
+    assert find_thresholds_main(calibrate_args(mixed_dir / "images.json", out, 0)) == 0
     return out
 
 
 def test_find_thresholds_end_to_end(mixed_dir, tmp_path, capsys):
     out = tmp_path / "t.safetensors"
     code, stdout, err = run(
-        find_thresholds_main,
-        [
-            "--data",
-            mixed_dir / "images.json",
-            "--model",
-            MODEL,
-            "--pretrained",
-            "none",
-            "--batch-size",
-            "5",
-            "--num-workers",
-            "1",
-            "--out",
-            out,
-        ],
-        capsys,
+        find_thresholds_main, calibrate_args(mixed_dir / "images.json", out, 1), capsys
     )
     assert code == 0, err
     th = Thresholds.load(out)
