@@ -9,6 +9,7 @@ from .factory import build_encoder, load_encoder  # noqa: E402
 from .names import resolve_name  # noqa: E402
 from .schedule import make_schedule  # noqa: E402
 from .thresholds import Thresholds  # noqa: E402
+from .vtu import apply_vtu, remove_vtu  # noqa: E402
 
 __all__ = [
     "DyMUEncoder",
@@ -16,9 +17,11 @@ __all__ = [
     "EncoderOutput",
     "Thresholds",
     "__version__",
+    "apply_vtu",
     "build_encoder",
     "find_thresholds",
     "load_encoder",
     "make_schedule",
+    "remove_vtu",
     "resolve_name",
 ]

@@ -1,0 +1,190 @@
+"""Virtual token unmerging (DESIGN section 7) for transformers decoder LMs with rotary attention.
+
+``apply_vtu(model)`` patches an instance (Llama, Mistral, Qwen2 and others whose attention
+has ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and the module's ``apply_rotary_pos_emb``).
+A forward call that passes ``vtu_mapping`` (``(B, N)``: full position -> merged slot) runs
+with hidden states at merged length: right before the first layer every group is averaged
+into its slot, norms and MLPs run on the slots, and each attention projects the slots,
+gathers q/k/v to the N full positions (RoPE and the causal/padding mask at full positions,
+the KV cache gets full-length keys/values), attends, and averages the output back per group
+before its output projection. The model's final hidden states are gathered back to full
+length, so logits, losses and ``generate()`` see N positions. Calls without a mapping, or
+whose length differs from it (decoding steps), run the unpatched code.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import torch
+from torch import nn
+
+from .errors import DyMUError
+
+_STATE = "_dymu_vtu_handles"
+
+
+def apply_vtu(model: nn.Module) -> nn.Module:
+    """Patch ``model`` (a ``*ForCausalLM`` or its base model) in place; idempotent."""
+    base = _decoder(model)
+    if hasattr(base, _STATE):
+        return model
+    for layer in base.layers:
+        attn = layer.self_attn
+        _check_attention(attn)
+        attn.forward = types.MethodType(_vtu_attention_forward, attn)
+    handles = [
+        base.layers[0].register_forward_pre_hook(_compress_hook, with_kwargs=True),
+        base.register_forward_hook(_expand_hook, with_kwargs=True),
+    ]
+    setattr(base, _STATE, handles)
+    # name the argument in the instance's signature, so generate() accepts and forwards it
+    model.forward = types.MethodType(_forward_with_mapping, model)
+    return model
+
+
+def _forward_with_mapping(
+    self: nn.Module, *args, vtu_mapping: torch.Tensor | None = None, **kwargs
+):
+    if vtu_mapping is not None:
+        kwargs["vtu_mapping"] = vtu_mapping
+    return type(self).forward(self, *args, **kwargs)
+
+
+def remove_vtu(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_vtu` (a no-op on an unpatched model)."""
+    base = _decoder(model)
+    for handle in getattr(base, _STATE, []):
+        handle.remove()
+    if hasattr(base, _STATE):
+        delattr(base, _STATE)
+    for layer in base.layers:
+        layer.self_attn.__dict__.pop("forward", None)
+    model.__dict__.pop("forward", None)
+    return model
+
+
+def is_vtu_applied(model: nn.Module) -> bool:
+    return hasattr(_decoder(model), _STATE)
+
+
+def group_mean(x: torch.Tensor, mapping: torch.Tensor, slots: int) -> torch.Tensor:
+    """Average ``x (B, N, C)`` into ``slots`` groups per sample given ``mapping (B, N)``.
+
+    Accumulates in float32; slots no position maps to come out as zeros.
+    """
+    bsz, _, dim = x.shape
+    index = mapping[:, :, None].expand(-1, -1, dim)
+    acc = torch.zeros(bsz, slots, dim, device=x.device, dtype=torch.float32)
+    acc.scatter_add_(1, index, x.float())
+    counts = torch.zeros(bsz, slots, device=x.device, dtype=torch.float32)
+    counts.scatter_add_(1, mapping, torch.ones_like(mapping, dtype=torch.float32))
+    return (acc / counts.clamp(min=1)[..., None]).to(x.dtype)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module holding ``layers`` (``model.model`` for ``*ForCausalLM``)."""
+    for candidate in (model, getattr(model, "model", None), getattr(model, "language_model", None)):
+        if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
+            return candidate
+    inner = getattr(model, "model", None)
+    if inner is not None and inner is not model:
+        return _decoder(inner)
+    raise DyMUError(f"{type(model).__name__} has no decoder layers to patch for VTU")
+
+
+def _check_attention(attn: nn.Module) -> None:
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config", "layer_idx")
+    module = sys.modules[type(attn).__module__]
+    if any(not hasattr(attn, n) for n in needed) or not hasattr(module, "apply_rotary_pos_emb"):
+        raise DyMUError(
+            f"VTU supports rotary attention with q/k/v/o projections (Llama, Mistral, Qwen2); "
+            f"{type(attn).__name__} is not one"
+        )
+
+
+def _full_length_call(mapping: torch.Tensor | None, length: int) -> bool:
+    return mapping is not None and mapping.shape[1] == length
+
+
+def _compress_hook(module: nn.Module, args: tuple, kwargs: dict):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    mapping = kwargs.get("vtu_mapping")
+    if not _full_length_call(mapping, hidden.shape[1]):
+        return None
+    merged = group_mean(hidden, mapping, int(mapping.max()) + 1)
+    if args:
+        return (merged, *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=merged)
+
+
+def _expand_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    mapping = kwargs.get("vtu_mapping")
+    hidden = output.last_hidden_state
+    inputs = kwargs.get("inputs_embeds")
+    if inputs is None:
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None or not _full_length_call(mapping, inputs.shape[1]):
+        return output
+    index = mapping[:, :, None].expand(-1, -1, hidden.shape[-1])
+    output.last_hidden_state = hidden.gather(1, index)
+    return output
+
+
+def _vtu_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    past_key_values=None,
+    vtu_mapping: torch.Tensor | None = None,
+    **kwargs,
+):
+    """The attention of DESIGN section 7; falls back to the class's own forward."""
+    cos, sin = position_embeddings
+    if not _full_length_call(vtu_mapping, cos.shape[-2]):
+        return type(self).forward(
+            self,
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    family = sys.modules[type(self).__module__]
+    bsz, slots, _ = hidden_states.shape
+    full = vtu_mapping.shape[1]
+
+    def project(linear: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
+        x = linear(hidden_states).view(bsz, slots, -1, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        index = vtu_mapping[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+        return x.gather(1, index).transpose(1, 2)  # (B, heads, N, head_dim)
+
+    query = project(self.q_proj, getattr(self, "q_norm", None))
+    key = project(self.k_proj, getattr(self, "k_norm", None))
+    value = project(self.v_proj)
+    query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, family.eager_attention_forward
+    )
+    extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
+    out, weights = interface(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **extra,
+        **kwargs,
+    )
+    out = group_mean(out.reshape(bsz, full, -1), vtu_mapping, slots)
+    return self.o_proj(out), weights

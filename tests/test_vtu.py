@@ -1,0 +1,167 @@
+"""Virtual token unmerging against the unpatched model and a naive full-length computation."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.masking_utils import create_causal_mask
+
+from dymu.vtu import apply_vtu, is_vtu_applied, remove_vtu
+
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def build(family: str, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**SMALL, attn_implementation=attn))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, attn_implementation=attn))
+    return model.eval()
+
+
+def random_mapping(gen: torch.Generator, length: int, text: int, patches: int, groups: int):
+    """Text tokens keep their own slot; ``patches`` positions after ``text`` share ``groups``."""
+    group = torch.randperm(groups, generator=gen).repeat(patches // groups + 1)[:patches]
+    group = group[torch.randperm(patches, generator=gen)]
+    tail = length - text - patches
+    return torch.cat([torch.arange(text), text + group, text + groups + torch.arange(tail)])
+
+
+def naive_group_mean(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """(N, C) -> (slots, C) with Python loops."""
+    slots = int(mapping.max()) + 1
+    out = torch.zeros(slots, x.shape[1])
+    for s in range(slots):
+        members = [i for i in range(len(mapping)) if int(mapping[i]) == s]
+        if members:
+            out[s] = sum(x[i] for i in members) / len(members)
+    return out
+
+
+def naive_logits(model, embeds, mapping, attention_mask):
+    """Expand to full length, run the unpatched attention, average per group; loops only."""
+    base = model.model
+    bsz, n, _ = embeds.shape
+    slots = int(mapping.max()) + 1
+    position_ids = torch.arange(n)[None]
+    pos = base.rotary_emb(embeds, position_ids=position_ids)
+    mask = create_causal_mask(
+        config=model.config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
+
+    def per_sample_mean(x):  # (B, N, C) -> (B, slots, C)
+        out = torch.zeros(bsz, slots, x.shape[-1])
+        for b in range(bsz):
+            m = naive_group_mean(x[b], mapping[b])
+            out[b, : m.shape[0]] = m
+        return out
+
+    def expand(h):  # (B, slots, C) -> (B, N, C)
+        return torch.stack([h[b][mapping[b]] for b in range(bsz)])
+
+    h = per_sample_mean(embeds)
+    for layer in base.layers:
+        attn, _ = layer.self_attn(
+            expand(layer.input_layernorm(h)), position_embeddings=pos, attention_mask=mask
+        )
+        h = h + per_sample_mean(attn)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return model.lm_head(expand(base.norm(h)))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_identity_mapping_is_bit_for_bit(family):
+    model = build(family)
+    embeds = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeds).logits
+        apply_vtu(model)
+        patched = model(inputs_embeds=embeds, vtu_mapping=torch.arange(12).expand(2, 12)).logits
+        unmapped = model(inputs_embeds=embeds).logits
+    assert torch.equal(plain, patched) and torch.equal(plain, unmapped)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_vtu_equals_naive_full_length_computation(family, attn, padding):
+    model = build(family, attn)
+    gen = torch.Generator().manual_seed(1)
+    n = 20
+    mapping = torch.stack([random_mapping(gen, n, 3, 12, 4), random_mapping(gen, n, 2, 14, 7)])
+    attention_mask = torch.ones(2, n, dtype=torch.long)
+    if padding == "left":
+        attention_mask[1, :3] = 0
+    elif padding == "right":
+        attention_mask[1, -3:] = 0
+    slots = torch.randn(2, int(mapping.max()) + 1, 32)
+    embeds = torch.stack([slots[b][mapping[b]] for b in range(2)])  # repeated inside groups
+    with torch.no_grad():
+        expected = naive_logits(model, embeds, mapping, attention_mask)
+        apply_vtu(model)
+        got = model(inputs_embeds=embeds, attention_mask=attention_mask, vtu_mapping=mapping).logits
+    valid = attention_mask.bool()
+    assert got.shape == (2, n, 64)
+    assert torch.allclose(got[valid], expected[valid], atol=1e-5)
+    plain = build(family, attn)(inputs_embeds=embeds, attention_mask=attention_mask).logits
+    assert not torch.allclose(got[valid], plain[valid], atol=1e-3)  # VTU really differs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_generate_matches_naive_step_by_step(family):
+    model = build(family)
+    gen = torch.Generator().manual_seed(2)
+    n, steps = 18, 4
+    mapping = random_mapping(gen, n, 3, 12, 5)[None]
+    slots = torch.randn(1, int(mapping.max()) + 1, 32)
+    embeds = slots[0][mapping[0]][None]
+    tokens = []
+    with torch.no_grad():
+        seq, seq_map = embeds, mapping
+        for _ in range(steps):
+            mask = torch.ones(1, seq.shape[1], dtype=torch.long)
+            nxt = int(naive_logits(model, seq, seq_map, mask)[0, -1].argmax())
+            tokens.append(nxt)
+            new = model.model.embed_tokens(torch.tensor([[nxt]]))
+            seq = torch.cat([seq, new], 1)
+            seq_map = torch.cat([seq_map, seq_map.max()[None, None] + 1], 1)
+        apply_vtu(model)
+        out = model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            vtu_mapping=mapping,
+            max_new_tokens=steps,
+            do_sample=False,
+        )
+    assert out[0, -steps:].tolist() == tokens
+
+
+def test_apply_is_idempotent_and_remove_restores():
+    model = build("llama")
+    embeds = torch.randn(1, 10, 32)
+    mapping = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        plain = model(inputs_embeds=embeds).logits
+        apply_vtu(apply_vtu(model))
+        assert is_vtu_applied(model)
+        merged = model(inputs_embeds=embeds, vtu_mapping=mapping).logits
+        remove_vtu(model)
+        assert not is_vtu_applied(model)
+        again = model(inputs_embeds=embeds, vtu_mapping=mapping).logits
+        remove_vtu(model)  # a second remove is harmless
+    assert torch.equal(again, plain) and not torch.allclose(merged, plain)
+    assert not model.model._forward_pre_hooks and not model.model.layers[0]._forward_pre_hooks
+    assert "forward" not in model.model.layers[0].self_attn.__dict__
+    assert "forward" not in model.__dict__
