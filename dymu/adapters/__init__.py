@@ -6,16 +6,19 @@ from torch import nn
 
 from ..errors import DyMUError
 from .base import TowerAdapter
+from .hf_clip import HFCLIPTower
 from .open_clip import OpenCLIPTower
 
-__all__ = ["TowerAdapter", "OpenCLIPTower", "adapt"]
+__all__ = ["HFCLIPTower", "OpenCLIPTower", "TowerAdapter", "adapt"]
 
 
 def adapt(tower: nn.Module) -> TowerAdapter:
     """Pick the adapter for a vision tower instance."""
     if OpenCLIPTower.supports(tower):
         return OpenCLIPTower(tower)
+    if HFCLIPTower.supports(tower):
+        return HFCLIPTower(tower)
     raise DyMUError(
         f"no dymu adapter for {type(tower).__module__}.{type(tower).__name__}; supported: "
-        "open_clip VisionTransformer with standard residual attention blocks"
+        "open_clip VisionTransformer (standard blocks) and transformers CLIPVisionModel"
     )

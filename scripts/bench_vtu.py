@@ -1,0 +1,287 @@
+"""Benchmark virtual token unmerging (VTU, ``dymu.apply_vtu``) on a Llama-shaped decoder LM.
+
+The scenario of the VTU issue: one image of ``--image-tokens`` (576) visual tokens that the
+encoder merged into ``--merged`` (100) groups, framed by text (``--text-tokens`` 64, half
+before and half after the image), so the LM sees N = 576 + 64 = 640 full positions but only
+M = 100 + 64 merged slots. The model is a ``LlamaForCausalLM`` with random (seeded) weights:
+``--layers`` 8, hidden ``--hidden`` 1024, MLP ``--intermediate`` (default 2816 = 2.75 x hidden,
+Llama's ratio), heads of 64 (16 query heads, ``--kv-heads`` 16), vocab 32000, SDPA attention,
+float32 on CPU.
+
+The mapping (full position -> slot) gives every text token its own slot and puts the image
+positions into ``--merged`` groups: ``--grouping random`` (default; a seeded random
+assignment in which every group is used) or ``contiguous`` (runs of about equal length).
+``inputs_embeds`` (1, N, hidden) repeat one random embedding per slot, i.e. every position of
+a group carries the same embedding, as after the encoder's merging.
+
+Prefill (``torch.inference_mode``, ``use_cache=False``) times, interleaved in one run (warmup
+reps first, then the two alternating with the order flipped every rep; medians):
+
+* ``full``: ``lm(inputs_embeds=embeds)``, the model at full length N (no mapping, so the
+  patched instance runs the unpatched code);
+* ``vtu``: ``lm(inputs_embeds=embeds, vtu_mapping=mapping)``: norms, projections and MLPs at M
+  slots, attention at the N full positions, logits at N.
+
+``bound`` = full FLOPs / VTU FLOPs, counted per layer as q/k/v/o projections ``2nD*D`` (q, o)
+and ``2nD*Dkv`` (k, v; Dkv = kv heads x head dim), Llama's 3-matrix MLP ``3 * 2nD*I`` and
+causal attention (scores + AV, half the square) ``2N^2*D``, plus the lm_head ``2N*D*V``.
+Full uses n = N everywhere; VTU uses n = M for projections and MLP but N for attention and
+the lm_head. Norms, RoPE, softmax, gathers and scatters are not counted. ``ratio`` =
+speedup / bound; target >= 0.8.
+
+Decode: after a prefill with ``use_cache=True`` (full and VTU each; the VTU cache holds
+full-length keys/values), one next-token forward (one new embedding, input length 1) with
+that cache; the cache is deep-copied before every rep (outside the timed region) so every
+step starts from the prefill state. Both steps run the plain decoder and should take about
+the same time.
+
+``--profile`` adds a ``torch.profiler`` table (self CPU time by op) of VTU and full prefills.
+
+Run from the repository root::
+
+    python scripts/bench_vtu.py
+    python scripts/bench_vtu.py --reps 5 --threads 2 --grouping contiguous --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import dymu
+
+TARGET = 0.8
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
+    p.add_argument("--heads", type=int, default=None, help="default: hidden / 64")
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--image-tokens", type=int, default=576)
+    p.add_argument("--merged", type=int, default=100, help="groups the image tokens fall into")
+    p.add_argument("--text-tokens", type=int, default=64, help="half before, half after")
+    p.add_argument("--grouping", choices=["random", "contiguous"], default="random")
+    p.add_argument("--reps", type=int, default=10, help="timed prefill reps of each")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--decode-reps", type=int, default=20, help="timed decode steps of each")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of prefills")
+    args = p.parse_args()
+    if args.intermediate is None:
+        args.intermediate = int(2.75 * args.hidden)
+    if args.heads is None:
+        args.heads = max(1, args.hidden // 64)
+    if args.kv_heads is None:
+        args.kv_heads = args.heads
+    if not 0 < args.merged <= args.image_tokens:
+        p.error("--merged must be in 1..--image-tokens")
+    return args
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=4096,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(args.seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def build_mapping(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
+    """(1, N) full position -> slot: text | image groups | text, slots in order of appearance."""
+    before = args.text_tokens // 2
+    after = args.text_tokens - before
+    n_img, groups = args.image_tokens, args.merged
+    if args.grouping == "contiguous":
+        image = torch.arange(n_img) * groups // n_img
+    else:
+        image = torch.randint(groups, (n_img,), generator=gen)
+        image[torch.randperm(n_img, generator=gen)[:groups]] = torch.arange(groups)
+    mapping = torch.cat(
+        [
+            torch.arange(before),
+            before + image,
+            before + groups + torch.arange(after),
+        ]
+    )
+    assert torch.equal(mapping.unique(), torch.arange(before + groups + after))
+    return mapping[None]
+
+
+def count_flops(args: argparse.Namespace, n_attn: int, n_lin: int, n_full: int) -> float:
+    d, i, v = args.hidden, args.intermediate, args.vocab
+    d_kv = args.kv_heads * (d // args.heads)
+    proj = 2 * n_lin * d * (2 * d + 2 * d_kv)
+    mlp = 3 * 2 * n_lin * d * i
+    attn = 2 * n_attn * n_attn * d  # causal: (2N^2 D scores + 2N^2 D AV) / 2
+    return args.layers * (proj + mlp + attn) + 2 * n_full * d * v
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, float]:
+    """Medians (ms) of ``fns`` run alternately, order flipped every rep, after warmup reps."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(timed(fns[name]))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def decode_step(lm: torch.nn.Module, cache, embed: torch.Tensor) -> Callable[[], float]:
+    """A callable timing one next-token forward from a fresh copy of ``cache``."""
+
+    def run() -> float:
+        past = copy.deepcopy(cache)
+        return timed(lambda: lm(inputs_embeds=embed, past_key_values=past, use_cache=True))
+
+    return run
+
+
+def interleave_decode(fns: dict[str, Callable[[], float]], reps: int, warmup: int):
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(fns[name]())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def profile(fns: dict[str, Callable[[], object]], rows: int = 25) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name, fn in fns.items():
+        fn()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        print(f"\n--- profile: {name} prefill (self CPU time) ---")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    lm = build_model(args)
+    dymu.apply_vtu(lm)
+    mapping = build_mapping(args, gen)
+    n_full = mapping.shape[1]
+    n_slots = int(mapping.max()) + 1
+    slot_embeds = torch.randn(1, n_slots, args.hidden, generator=gen) * 0.02
+    embeds = slot_embeds[:, mapping[0]]  # (1, N, D), repeated within each group
+    next_embed = torch.randn(1, 1, args.hidden, generator=gen) * 0.02
+    n_params = sum(p.numel() for p in lm.parameters())
+    print(
+        f"Llama: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
+        f"heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab}, "
+        f"{n_params / 1e6:.0f}M params, sdpa, float32; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads (built in {time.perf_counter() - t0:.1f} s)"
+    )
+    print(
+        f"tokens: N = {n_full} full ({args.text_tokens // 2} text + {args.image_tokens} image "
+        f"+ {args.text_tokens - args.text_tokens // 2} text), M = {n_slots} slots "
+        f"({args.merged} image groups, {args.grouping}); reps {args.reps}, "
+        f"warmup {args.warmup}"
+    )
+
+    with torch.inference_mode():
+        full_logits = lm(inputs_embeds=embeds, use_cache=False).logits
+        vtu_logits = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False).logits
+        assert full_logits.shape == vtu_logits.shape == (1, n_full, args.vocab)
+        cos = torch.nn.functional.cosine_similarity(full_logits, vtu_logits, dim=-1)
+        print(
+            f"logits (1, {n_full}, {args.vocab}) both; full vs vtu cosine: mean "
+            f"{cos.mean():.4f}, min {cos.min():.4f}"
+        )
+
+        prefill = interleave(
+            {
+                "full": lambda: lm(inputs_embeds=embeds, use_cache=False),
+                "vtu": lambda: lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False),
+            },
+            args.reps,
+            args.warmup,
+        )
+
+        full_cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+        vtu_cache = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=True).past_key_values
+        assert full_cache.get_seq_length() == vtu_cache.get_seq_length() == n_full
+        decode = interleave_decode(
+            {
+                "full": decode_step(lm, full_cache, next_embed),
+                "vtu": decode_step(lm, vtu_cache, next_embed),
+            },
+            args.decode_reps,
+            args.warmup,
+        )
+
+        if args.profile:
+            profile(
+                {
+                    "vtu": lambda: lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False),
+                    "full": lambda: lm(inputs_embeds=embeds, use_cache=False),
+                }
+            )
+
+    full_flops = count_flops(args, n_full, n_full, n_full)
+    vtu_flops = count_flops(args, n_full, n_slots, n_full)
+    bound = full_flops / vtu_flops
+    speedup = prefill["full"] / prefill["vtu"]
+    ratio = speedup / bound
+    verdict = "PASS" if ratio >= TARGET else "MISS"
+    print()
+    print(f"{'':10}{'full ms':>10}{'vtu ms':>10}{'speedup':>9}{'bound':>8}{'ratio':>8}")
+    print(
+        f"{'prefill':10}{prefill['full']:10.1f}{prefill['vtu']:10.1f}{speedup:9.2f}"
+        f"{bound:8.2f}{ratio:8.2f}  {verdict} (target >= {TARGET})"
+    )
+    print(
+        f"{'decode':10}{decode['full']:10.1f}{decode['vtu']:10.1f}"
+        f"{decode['full'] / decode['vtu']:9.2f}  (one step after a {n_full}-token prefill)"
+    )
+    print(
+        f"FLOPs: full {full_flops / 1e9:.1f} G, vtu {vtu_flops / 1e9:.1f} G "
+        f"(lm_head {2 * n_full * args.hidden * args.vocab / 1e9:.1f} G in both); "
+        f"full throughput {full_flops / prefill['full'] / 1e6:.0f} GFLOP/s, "
+        f"vtu {vtu_flops / prefill['vtu'] / 1e6:.0f} GFLOP/s"
+    )
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"total {time.perf_counter() - t0:.0f} s; load average (1/5/15 min) {load}")
+
+
+if __name__ == "__main__":
+    main()

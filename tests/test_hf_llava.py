@@ -1,0 +1,168 @@
+"""DyMU in a tiny transformers LlavaForConditionalGeneration built from a config."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import checkerboard, noise
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import dymu
+from dymu import Thresholds
+from dymu.adapters import HFCLIPTower
+from dymu.integrations import hf_llava
+from dymu.vtu import apply_vtu
+
+IMAGE_TOKEN = 63
+PATCHES = 16  # 32 x 32 images, 8 x 8 patches
+MEAN = torch.tensor([0.4815, 0.4578, 0.4082])[:, None, None]
+STD = torch.tensor([0.2686, 0.2613, 0.2758])[:, None, None]
+
+
+def build():
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+    )
+    text = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    cfg = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def pixels(images) -> torch.Tensor:
+    out = []
+    for img in images:
+        arr = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.float32) / 255
+        out.append((torch.from_numpy(arr).permute(2, 0, 1) - MEAN) / STD)
+    return torch.stack(out)
+
+
+def prompts(count: int) -> torch.Tensor:
+    row = [1, 5] + [IMAGE_TOKEN] * PATCHES + [7, 8, 9]
+    return torch.tensor([row] * count)
+
+
+def never_merge(model) -> Thresholds:
+    return Thresholds.from_values(torch.ones(3), torch.tensor([2, 2, 2]), {"model": "tiny-tome"})
+
+
+def naive_mapping(input_ids, groups, lengths):
+    """Loop version of the mapping: text tokens a slot each, images their merged slots."""
+    rows, image = [], 0
+    for ids in input_ids.tolist():
+        row, slot, seen = [], 0, 0
+        for token in ids:
+            if token == IMAGE_TOKEN:
+                row.append(slot + int(groups[image, seen]))
+                seen += 1
+                if seen == PATCHES:
+                    slot += int(lengths[image])
+                    image, seen = image + 1, 0
+            else:
+                row.append(slot)
+                slot += 1
+        rows.append(row)
+    return torch.tensor(rows)
+
+
+def test_adapter_matches_transformers_clip(photos):
+    model = build()
+    enc = hf_llava.build_encoder(model)  # r_total=0: no merging
+    assert isinstance(enc.tower, HFCLIPTower)
+    x = pixels(photos[:4])
+    with torch.no_grad():
+        out = enc(x)
+        ref = model.model.vision_tower(x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    assert out.tokens.shape == ref.shape and torch.allclose(out.tokens, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("vtu", [True, False])
+def test_nothing_merged_equals_the_original_model(photos, vtu):
+    model = build()
+    x, ids = pixels(photos[:2]), prompts(2)
+    with torch.no_grad():
+        plain = model(input_ids=ids, pixel_values=x).logits
+        hf_llava.apply(model, never_merge(model), vtu=vtu)
+        patched = model(input_ids=ids, pixel_values=x).logits
+        hf_llava.remove(model)
+        restored = model(input_ids=ids, pixel_values=x).logits
+    assert torch.allclose(plain, patched, atol=1e-5)
+    assert torch.equal(plain, restored)
+
+
+@pytest.fixture(scope="module")
+def calibrated(photos):
+    model = build()
+    enc = hf_llava.build_encoder(model, r_total=8)
+    x = pixels(photos)
+    return dymu.find_thresholds(enc, [x[:4], x[4:8], x[8:]])
+
+
+def test_merging_generates_with_different_token_counts(calibrated):
+    model = build()
+    hf_llava.apply(model, calibrated)
+    x, ids = pixels([checkerboard(), noise()]), prompts(2)
+    enc = hf_llava.build_encoder(model, calibrated)
+    with torch.no_grad():
+        counts = enc(x).lengths.tolist()
+        out = model.generate(
+            input_ids=ids,
+            pixel_values=x,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=3,
+            do_sample=False,
+        )
+    assert counts[0] < counts[1] < PATCHES  # the checkerboard keeps fewer tokens than noise
+    assert out.shape == (2, ids.shape[1] + 3)
+
+
+def test_patched_model_equals_the_pipeline_by_hand(calibrated):
+    model = build()
+    x, ids = pixels([checkerboard(), noise()]), prompts(2)
+    enc = hf_llava.build_encoder(model, calibrated)
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    with torch.no_grad():
+        out = enc(x)
+        merged = model.model.multi_modal_projector(out.tokens)
+        features = [merged[i][out.groups[i]] for i in range(2)]
+        mapping = naive_mapping(ids, out.groups, out.lengths)
+        assert torch.equal(
+            hf_llava.build_mapping(ids == IMAGE_TOKEN, out.groups, out.lengths), mapping
+        )
+        lm = apply_vtu(model.model.language_model)  # the LM alone patched, fed by hand
+        manual = model(
+            input_ids=ids,
+            vtu_mapping=mapping,
+            mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
+        ).logits
+        dymu.remove_vtu(lm)
+        hf_llava.apply(model, calibrated)
+        got = model(input_ids=ids, pixel_values=x).logits
+    assert torch.allclose(got, manual, atol=1e-5)
+
+
+def test_mapping_count_mismatch_is_a_clear_error():
+    ids = prompts(1)
+    with pytest.raises(dymu.DyMUError, match="16 image tokens but 2 images need 32"):
+        hf_llava.build_mapping(
+            ids == IMAGE_TOKEN, torch.zeros(2, PATCHES, dtype=torch.long), torch.tensor([1, 1])
+        )
