@@ -74,13 +74,25 @@ def group_mean(x: torch.Tensor, mapping: torch.Tensor, slots: int) -> torch.Tens
 
     Accumulates in float32; slots no position maps to come out as zeros.
     """
-    bsz, _, dim = x.shape
-    index = mapping[:, :, None].expand(-1, -1, dim)
-    acc = torch.zeros(bsz, slots, dim, device=x.device, dtype=torch.float32)
-    acc.scatter_add_(1, index, x.float())
-    counts = torch.zeros(bsz, slots, device=x.device, dtype=torch.float32)
-    counts.scatter_add_(1, mapping, torch.ones_like(mapping, dtype=torch.float32))
-    return (acc / counts.clamp(min=1)[..., None]).to(x.dtype)
+    bsz, n, dim = x.shape
+    flat = _flat_index(mapping, slots)
+    acc = torch.zeros(bsz * slots, dim, device=x.device, dtype=torch.float32)
+    acc.index_add_(0, flat, x.reshape(bsz * n, dim).float())
+    counts = torch.zeros(bsz * slots, device=x.device, dtype=torch.float32)
+    counts.index_add_(0, flat, torch.ones(bsz * n, device=x.device, dtype=torch.float32))
+    return (acc / counts.clamp(min=1)[:, None]).view(bsz, slots, dim).to(x.dtype)
+
+
+def expand_groups(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """``x (B, slots, ...)`` -> ``(B, N, ...)``: every position gets its slot's row."""
+    bsz, slots = x.shape[:2]
+    rows = x.reshape(bsz * slots, *x.shape[2:]).index_select(0, _flat_index(mapping, slots))
+    return rows.view(bsz, mapping.shape[1], *x.shape[2:])
+
+
+def _flat_index(mapping: torch.Tensor, slots: int) -> torch.Tensor:
+    offsets = torch.arange(mapping.shape[0], device=mapping.device)[:, None] * slots
+    return (mapping + offsets).reshape(-1)
 
 
 def _decoder(model: nn.Module) -> nn.Module:
@@ -127,8 +139,7 @@ def _expand_hook(module: nn.Module, args: tuple, kwargs: dict, output):
         inputs = kwargs.get("input_ids", args[0] if args else None)
     if inputs is None or not _full_length_call(mapping, inputs.shape[1]):
         return output
-    index = mapping[:, :, None].expand(-1, -1, hidden.shape[-1])
-    output.last_hidden_state = hidden.gather(1, index)
+    output.last_hidden_state = expand_groups(hidden, mapping)
     return output
 
 
@@ -162,8 +173,7 @@ def _vtu_attention_forward(
         x = linear(hidden_states).view(bsz, slots, -1, self.head_dim)
         if norm is not None:
             x = norm(x)
-        index = vtu_mapping[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
-        return x.gather(1, index).transpose(1, 2)  # (B, heads, N, head_dim)
+        return expand_groups(x, vtu_mapping).transpose(1, 2)  # (B, heads, N, head_dim)
 
     query = project(self.q_proj, getattr(self, "q_norm", None))
     key = project(self.k_proj, getattr(self, "k_norm", None))

@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.masking_utils import create_causal_mask
 
 from dymu.vtu import apply_vtu, is_vtu_applied, remove_vtu
@@ -18,13 +25,17 @@ SMALL = dict(
 )
 
 
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
 def build(family: str, attn: str = "sdpa"):
     torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**SMALL, attn_implementation=attn))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**SMALL, attn_implementation=attn))
-    return model.eval()
+    config_cls, model_cls = FAMILIES[family]
+    return model_cls(config_cls(**SMALL, attn_implementation=attn)).eval()
 
 
 def random_mapping(gen: torch.Generator, length: int, text: int, patches: int, groups: int):
@@ -81,7 +92,7 @@ def naive_logits(model, embeds, mapping, attention_mask):
     return model.lm_head(expand(base.norm(h)))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_identity_mapping_is_bit_for_bit(family):
     model = build(family)
     embeds = torch.randn(2, 12, 32)
@@ -93,7 +104,7 @@ def test_identity_mapping_is_bit_for_bit(family):
     assert torch.equal(plain, patched) and torch.equal(plain, unmapped)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_vtu_equals_naive_full_length_computation(family, attn, padding):
@@ -119,7 +130,7 @@ def test_vtu_equals_naive_full_length_computation(family, attn, padding):
     assert not torch.allclose(got[valid], plain[valid], atol=1e-3)  # VTU really differs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_generate_matches_naive_step_by_step(family):
     model = build(family)
     gen = torch.Generator().manual_seed(2)

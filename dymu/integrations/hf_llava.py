@@ -23,7 +23,7 @@ from ..encoder import DyMUEncoder
 from ..errors import DyMUError
 from ..schedule import make_schedule
 from ..thresholds import Thresholds
-from ..vtu import apply_vtu, remove_vtu
+from ..vtu import apply_vtu, expand_groups, remove_vtu
 
 _STATE = "_dymu_llava"
 
@@ -128,8 +128,7 @@ def _forward(self: nn.Module, *args, pixel_values=None, input_ids=None, **kwargs
     param = next(state.encoder.parameters())
     out = state.encoder(pixel_values.to(device=param.device, dtype=param.dtype))
     merged = self.multi_modal_projector(out.tokens)  # (I, L, D_text): projector at merged length
-    index = out.groups[..., None].expand(-1, -1, merged.shape[-1])
-    features = merged.gather(1, index)  # each patch gets its group's feature
+    features = expand_groups(merged, out.groups)  # each patch gets its group's feature
     kwargs["mm_encoder_outputs"] = {
         "image": BaseModelOutputWithPooling(pooler_output=list(features))
     }

@@ -1,0 +1,312 @@
+"""DyMU in the original LLaVA package (pip name ``llava-torch``), by tower name.
+
+After :func:`enable`, a LLaVA config with ``"mm_vision_tower": "ViT-L-14-336-tome"`` (any
+dymu name) builds a DyMU tower: open_clip weights from ``dymu_pretrained`` (default
+``openai``), thresholds from ``dymu_thresholds`` (default: looked up by name). With
+``"dymu_vtu": true`` (the default) each merged token is repeated over its patches and the
+Llama runs virtual token unmerging; with ``false`` the merged tokens are fed directly (a
+shorter prompt). Models with other towers behave exactly as before; :func:`disable` undoes
+everything. ``python -m dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of
+LLaVA's own scripts with DyMU enabled.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from types import SimpleNamespace
+
+import open_clip
+import torch
+from torch import nn
+
+from ..errors import DyMUError
+from ..factory import load_encoder
+from ..names import resolve_name
+from ..vtu import apply_vtu, expand_groups
+from .hf_llava import build_mapping
+
+IGNORE_INDEX = -100  # LLaVA's label for positions without a target
+_saved: dict[tuple[object, str], object] = {}
+
+
+class DyMULlavaTower(nn.Module):
+    """Stands in for LLaVA's ``CLIPVisionTower``: same attributes, DyMU inside."""
+
+    def __init__(self, name: str, args, delay_load: bool = False) -> None:
+        super().__init__()
+        self.is_loaded = False
+        self.vision_tower_name = name
+        self.select_layer = args.mm_vision_select_layer
+        self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
+        self.pretrained = getattr(args, "dymu_pretrained", "openai")
+        self.thresholds = getattr(args, "dymu_thresholds", None)
+        self.vtu = bool(getattr(args, "dymu_vtu", True))
+        vision = open_clip.get_model_config(resolve_name(name).base)["vision_cfg"]
+        self.cfg_only = SimpleNamespace(
+            hidden_size=vision["width"],
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+        )
+        # groups and lengths of the last forward, read by the model right after (same call)
+        self.last_groups: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not delay_load:
+            self.load_model()
+
+    def load_model(self, device_map=None) -> None:
+        if self.is_loaded:
+            return
+        from transformers import CLIPImageProcessor
+
+        self.encoder = load_encoder(
+            self.vision_tower_name,
+            self.pretrained,
+            thresholds=self.thresholds,
+            select_layer=self.select_layer,
+            drop_cls=self.select_feature == "patch",
+        )
+        size = self.cfg_only.image_size
+        self.image_processor = CLIPImageProcessor(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=list(open_clip.OPENAI_DATASET_MEAN),
+            image_std=list(open_clip.OPENAI_DATASET_STD),
+        )
+        self.is_loaded = True
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor | list[torch.Tensor]):
+        """``(B, P, D)`` features repeated per group (VTU), or a list of merged ``(L_i, D)``."""
+        if isinstance(images, list):
+            images = torch.stack([i if i.dim() == 3 else i[0] for i in images])
+        out = self.encoder(images.to(device=self.device, dtype=self.dtype))
+        self.last_groups = (out.groups, out.lengths)
+        if not self.vtu:
+            return [t.to(images.dtype) for t in out.to_list()]
+        return expand_groups(out.tokens, out.groups).to(images.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def config(self) -> SimpleNamespace:
+        return self.cfg_only
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg_only.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.cfg_only.image_size // self.cfg_only.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.num_patches_per_side**2
+
+    @property
+    def dummy_feature(self) -> torch.Tensor:
+        return torch.zeros(1, self.hidden_size, device=self.device, dtype=self.dtype)
+
+
+def _is_dymu_name(name: object) -> bool:
+    if not isinstance(name, str) or "-tome" not in name:
+        return False
+    try:
+        resolve_name(name)
+    except DyMUError:
+        return False
+    return True
+
+
+def _dymu_tower(model) -> DyMULlavaTower | None:
+    tower = model.get_model().get_vision_tower()
+    return tower if isinstance(tower, DyMULlavaTower) else None
+
+
+def enable() -> None:
+    """Make LLaVA build DyMU towers for dymu names (idempotent; :func:`disable` undoes it)."""
+    if _saved:
+        return
+    import llava.model.llava_arch as arch
+    import llava.model.multimodal_encoder.builder as builder
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    original = builder.build_vision_tower
+
+    def build_vision_tower(cfg, **kwargs):
+        name = getattr(cfg, "mm_vision_tower", getattr(cfg, "vision_tower", None))
+        if _is_dymu_name(name):
+            return DyMULlavaTower(name, args=cfg, **kwargs)
+        return original(cfg, **kwargs)
+
+    for owner, attr, value in (
+        (builder, "build_vision_tower", build_vision_tower),
+        (arch, "build_vision_tower", build_vision_tower),
+        (LlavaLlamaForCausalLM, "forward", _forward),
+        (LlavaLlamaForCausalLM, "generate", _generate),
+        (LlavaLlamaForCausalLM, "encode_images", _encode_images),
+    ):
+        _saved[(owner, attr)] = owner.__dict__.get(attr, getattr(owner, attr))
+        setattr(owner, attr, value)
+
+
+def disable() -> None:
+    """Restore LLaVA as it was before :func:`enable`."""
+    while _saved:
+        (owner, attr), value = _saved.popitem()
+        setattr(owner, attr, value)
+
+
+def _llama():
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM
+
+
+def _original(name: str):
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    return _saved[(LlavaLlamaForCausalLM, name)]
+
+
+def _encode_images(self, images):
+    tower = _dymu_tower(self)
+    if tower is None or tower.vtu:
+        return _original("encode_images")(self, images)
+    projector = self.get_model().mm_projector
+    return [projector(f) for f in tower(images)]
+
+
+def _prepare(
+    self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+):
+    """LLaVA's own input preparation, plus the VTU mapping of the sequence it builds.
+
+    Text positions carry their original index through LLaVA's ``labels`` path, so image
+    positions are the unmasked ones labelled ``IGNORE_INDEX``.
+    """
+    marker = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids).bool()
+    _, position_ids, new_mask, past_key_values, embeds, placed = (
+        self.prepare_inputs_labels_for_multimodal(
+            input_ids, position_ids, mask, past_key_values, marker, images, image_sizes
+        )
+    )
+    groups, lengths = _dymu_tower(self).last_groups
+    is_image = new_mask.bool() & (placed == IGNORE_INDEX)
+    mapping = build_mapping(is_image, groups, lengths)
+    if labels is not None:
+        text = placed >= 0
+        labels = torch.where(text, labels.gather(1, placed.clamp(min=0)), IGNORE_INDEX)
+    new_mask = new_mask if attention_mask is not None else None
+    return position_ids, new_mask, past_key_values, embeds, labels, mapping
+
+
+def _uses_vtu(self, images) -> bool:
+    tower = _dymu_tower(self)
+    if tower is None or not tower.vtu or images is None:
+        return False
+    apply_vtu(self.get_model())  # idempotent: the Llama runs VTU when given a mapping
+    return True
+
+
+def _forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    position_ids=None,
+    past_key_values=None,
+    inputs_embeds=None,
+    labels=None,
+    images=None,
+    image_sizes=None,
+    vtu_mapping=None,
+    **kwargs,
+):
+    if inputs_embeds is not None or not _uses_vtu(self, images) or input_ids.shape[1] == 1:
+        if vtu_mapping is not None:
+            kwargs["vtu_mapping"] = vtu_mapping
+        if inputs_embeds is None and images is not None:  # LLaVA's own path
+            return _original("forward")(
+                self,
+                input_ids,
+                attention_mask,
+                position_ids,
+                past_key_values,
+                inputs_embeds,
+                labels,
+                images=images,
+                image_sizes=image_sizes,
+                **kwargs,
+            )
+        return _llama().forward(
+            self,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
+    position_ids, attention_mask, past_key_values, inputs_embeds, labels, mapping = _prepare(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+    )
+    return _llama().forward(
+        self,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        labels=labels,
+        vtu_mapping=mapping,
+        **kwargs,
+    )
+
+
+@torch.no_grad()
+def _generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
+    if not _uses_vtu(self, images):
+        return _original("generate")(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
+    from transformers.generation.utils import GenerationMixin
+
+    position_ids = kwargs.pop("position_ids", None)
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_ids, attention_mask, _, embeds, _, mapping = _prepare(
+        self, inputs, position_ids, attention_mask, None, None, images, image_sizes
+    )
+    return GenerationMixin.generate(
+        self,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        inputs_embeds=embeds,
+        vtu_mapping=mapping,
+        **kwargs,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dymu.integrations.llava MODULE [ARGS]``: run a LLaVA script with DyMU."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: python -m dymu.integrations.llava MODULE [ARGS...]\n"
+            "Runs a module of the llava package (e.g. llava.eval.model_vqa) with DyMU enabled:"
+            " configs naming a dymu tower ('ViT-L-14-336-tome') get the DyMU encoder."
+        )
+        return
+    enable()
+    sys.argv = argv
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":  # run through the importable module, so enable()'s state is shared
+    from dymu.integrations.llava import main as _main
+
+    _main()
