@@ -15,6 +15,17 @@ TINY = "ViT-T-8-test"
 CONFIGS = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIGS)
 
+# a tiny Llama-shaped language model (vocab 64, hidden 32, 2 layers, GQA 4/2 heads)
+TINY_LM = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
 PHOTOS = [
     "astronaut",
     "coffee",

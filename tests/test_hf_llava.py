@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import checkerboard, noise
+from conftest import TINY_LM, checkerboard, noise
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import dymu
@@ -28,15 +28,7 @@ def build():
         image_size=32,
         patch_size=8,
     )
-    text = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    text = LlamaConfig(**TINY_LM)
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,

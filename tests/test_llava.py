@@ -6,7 +6,7 @@ import sys
 import llava.model.language_model.llava_llama as llava_llama  # llava-torch, installed --no-deps
 import pytest
 import torch
-from conftest import TINY, checkerboard, noise
+from conftest import TINY, TINY_LM, checkerboard, noise
 
 import dymu
 from dymu.integrations import llava as dymu_llava
@@ -35,13 +35,7 @@ def enabled():
 def build(thresholds, vtu=True, tower=NAME):
     torch.manual_seed(0)
     cfg = llava_llama.LlavaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        **TINY_LM,
         mm_vision_tower=tower,
         mm_hidden_size=64,
         mm_projector_type="mlp2x_gelu",

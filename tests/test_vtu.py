@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import TINY_LM
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -14,17 +15,6 @@ from transformers.masking_utils import create_causal_mask
 
 from dymu.vtu import apply_vtu, is_vtu_applied, remove_vtu
 
-SMALL = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
-
-
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
@@ -35,7 +25,7 @@ FAMILIES = {
 def build(family: str, attn: str = "sdpa"):
     torch.manual_seed(0)
     config_cls, model_cls = FAMILIES[family]
-    return model_cls(config_cls(**SMALL, attn_implementation=attn)).eval()
+    return model_cls(config_cls(**TINY_LM, attn_implementation=attn)).eval()
 
 
 def random_mapping(gen: torch.Generator, length: int, text: int, patches: int, groups: int):

@@ -229,10 +229,8 @@ def _forward(
     vtu_mapping=None,
     **kwargs,
 ):
-    if inputs_embeds is not None or not _uses_vtu(self, images) or input_ids.shape[1] == 1:
-        if vtu_mapping is not None:
-            kwargs["vtu_mapping"] = vtu_mapping
-        if inputs_embeds is None and images is not None:  # LLaVA's own path
+    if inputs_embeds is None and images is not None:
+        if not _uses_vtu(self, images) or input_ids.shape[1] == 1:  # LLaVA's own path
             return _original("forward")(
                 self,
                 input_ids,
@@ -245,27 +243,29 @@ def _forward(
                 image_sizes=image_sizes,
                 **kwargs,
             )
-        return _llama().forward(
-            self,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **kwargs,
+        position_ids, attention_mask, past_key_values, inputs_embeds, labels, vtu_mapping = (
+            _prepare(
+                self,
+                input_ids,
+                position_ids,
+                attention_mask,
+                past_key_values,
+                labels,
+                images,
+                image_sizes,
+            )
         )
-    position_ids, attention_mask, past_key_values, inputs_embeds, labels, mapping = _prepare(
-        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
-    )
+        input_ids = None
+    if vtu_mapping is not None:
+        kwargs["vtu_mapping"] = vtu_mapping
     return _llama().forward(
         self,
+        input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         labels=labels,
-        vtu_mapping=mapping,
         **kwargs,
     )
 
