@@ -190,7 +190,7 @@ def run_calibration(
         _save_partial(partial, state, identity)
         raise
     stats, tokens, skipped = _reduce(state, world)
-    if stats.images == 0:
+    if tokens.images == 0:
         example = f"; first: {skipped[0]['key']}: {skipped[0]['reason']}" if skipped else ""
         raise DyMUError(f"no usable images in {cfg.data} ({len(skipped)} skipped{example})")
     meta = {
@@ -199,7 +199,7 @@ def run_calibration(
         "r_total": str(sum(encoder.r)),
         "schedule": encoder.schedule_name,
         "batch_size": str(cfg.batch_size),
-        "images": str(stats.images),
+        "images": str(tokens.images),
         "dymu_version": __version__,
         "dtype": cfg.dtype,
     }
@@ -251,7 +251,6 @@ def _save_partial(path: Path, state: _State, identity: dict[str, str]) -> None:
         identity,
         format=PARTIAL_FORMAT,
         next_batch=str(state.next_batch),
-        images=str(state.stats.images),
         tokens=json.dumps(asdict(state.tokens)),
         skipped=json.dumps(state.skipped),
     )
@@ -275,7 +274,6 @@ def _load_partial(path: Path, state: _State, identity: dict[str, str]) -> None:
             )
     state.stats.sum += tensors["sum"].to(state.stats.sum.device)
     state.stats.count += tensors["count"].to(state.stats.count.device)
-    state.stats.images = int(meta["images"])
     state.tokens = TokenStats(**json.loads(meta["tokens"]))
     state.skipped = json.loads(meta["skipped"])
     state.next_batch = int(meta["next_batch"])
@@ -289,14 +287,13 @@ def _reduce(state: _State, world: int) -> tuple[RunningThresholds, TokenStats, l
     device = stats.sum.device
     dist.all_reduce(stats.sum)
     dist.all_reduce(stats.count)
-    counts = torch.tensor([stats.images, tokens.total, tokens.images], device=device)
+    counts = torch.tensor([tokens.total, tokens.images], device=device)
     dist.all_reduce(counts)
     low = torch.tensor([tokens.low], device=device)
     high = torch.tensor([tokens.high], device=device)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    stats.images = int(counts[0])
-    tokens = TokenStats(int(counts[1]), int(counts[2]), int(low), int(high))
+    tokens = TokenStats(int(counts[0]), int(counts[1]), int(low), int(high))
     gathered: list[list[dict]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, skipped)
     return stats, tokens, sorted((s for part in gathered for s in part), key=lambda s: s["index"])

@@ -119,8 +119,12 @@ class MergePlan:
 
     dest: torch.Tensor
     lengths: torch.Tensor
-    length: int
     host_lengths: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        """The new padded length (the longest image)."""
+        return max(self.host_lengths)
 
     def merge(
         self, x: torch.Tensor, sizes: torch.Tensor | None, before: Packing, after: Packing
@@ -180,4 +184,4 @@ def plan_merge(
     if not reorder_all:
         identity = torch.where(real, pos[None, :], length)
         dest = torch.where((count > 0)[:, None], dest, identity)
-    return MergePlan(dest, new_lengths, int(length), tuple(host_lengths))
+    return MergePlan(dest, new_lengths, tuple(host_lengths))

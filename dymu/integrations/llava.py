@@ -12,6 +12,7 @@ LLaVA's own scripts with DyMU enabled.
 
 from __future__ import annotations
 
+import argparse
 import runpy
 import sys
 from types import SimpleNamespace
@@ -293,17 +294,17 @@ def _generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m dymu.integrations.llava MODULE [ARGS]``: run a LLaVA script with DyMU."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(
-            "usage: python -m dymu.integrations.llava MODULE [ARGS...]\n"
-            "Runs a module of the llava package (e.g. llava.eval.model_vqa) with DyMU enabled:"
-            " configs naming a dymu tower ('ViT-L-14-336-tome') get the DyMU encoder."
-        )
-        return
+    parser = argparse.ArgumentParser(
+        prog="python -m dymu.integrations.llava",
+        description="Run a module of the llava package (e.g. llava.eval.model_vqa) with DyMU "
+        "enabled: configs naming a dymu tower ('ViT-L-14-336-tome') get the DyMU encoder.",
+    )
+    parser.add_argument("module", help="the module to run, e.g. llava.eval.model_vqa")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="its own arguments")
+    args = parser.parse_args(argv)
     enable()
-    sys.argv = argv
-    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+    sys.argv = [args.module, *args.args]
+    runpy.run_module(args.module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":  # run through the importable module, so enable()'s state is shared
