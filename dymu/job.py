@@ -125,7 +125,21 @@ def run_calibration(
         raise DyMUError("--batch-size must be at least 1")
     if cfg.dtype not in DTYPES:
         raise DyMUError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    rank, world = _init_distributed()
+    rank, world, owned = _init_distributed()
+    try:
+        return _run(cfg, rank, world, on_batch, on_start)
+    finally:
+        if owned:  # every rank leaves together, after rank 0 has written its files
+            dist.destroy_process_group()
+
+
+def _run(
+    cfg: CalibrationConfig,
+    rank: int,
+    world: int,
+    on_batch: Callable[[Batch, TokenStats], None] | None,
+    on_start: Callable[[int | None], None] | None,
+) -> CalibrationResult:
     source = open_source(cfg.data, cfg.image_root)
     encoder = build_encoder(
         cfg.model,
@@ -208,6 +222,8 @@ def run_calibration(
         result.save(cfg.out_path)
         _write_skipped(cfg.out_path, skipped)
     partial.unlink(missing_ok=True)
+    if world > 1:
+        dist.barrier()  # no rank returns before the result is on disk
     return CalibrationResult(
         result, tokens, skipped, time.perf_counter() - start, encoder.tower.num_tokens
     )
@@ -225,12 +241,14 @@ def _expected_images(
     return sum(min(size, total - b * size) for b in batches if b % world == rank)
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group and must end it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), False
+    return 0, 1, False
 
 
 def _device(name: str | None) -> str:
