@@ -21,6 +21,7 @@ from .job import DTYPES, CalibrationConfig, run_calibration
 from .names import resolve_name
 from .schedule import SCHEDULES, make_schedule
 from .thresholds import Thresholds
+from .visualize import shown_image, side_by_side
 
 DEFAULT_MODEL = "ViT-L-14-336-tome"
 
@@ -321,6 +322,13 @@ def encode_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--per-block", action="store_true", help="print the token count after every block"
     )
+    p.add_argument(
+        "--show",
+        metavar="DIR",
+        default=None,
+        help="also write DIR/<image>.dymu.png: the input beside its merged groups, each "
+        "painted in its mean colour",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     _add_model_config(p)
     return p
@@ -342,7 +350,19 @@ def _encode(args: argparse.Namespace) -> None:
         line = f"{path:<{width}}  {int(out.lengths[0]):>4} tokens"
         if args.per_block:
             line += "  per block: " + " ".join(str(v) for v in out.block_lengths[0].tolist())
+        if args.show:
+            line += "  -> " + str(_show(Path(args.show), path, pixels[0], out, encoder))
         print(line)
+
+
+def _show(folder: Path, path: str, pixels: torch.Tensor, out, encoder) -> Path:
+    """Write the merge picture of one image; the name follows the image's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{Path(path).stem}.dymu.png"
+    patches = out.groups.shape[1] - encoder.protected
+    caption = f"{Path(path).name}: {int(out.lengths[0])} tokens from {patches} patches"
+    side_by_side(shown_image(pixels, encoder.preprocess), out.groups[0], caption).save(target)
+    return target
 
 
 def encode_main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, checkerboard
 from PIL import Image
 
-from dymu import Thresholds, resolve_name
+from dymu import Thresholds, load_encoder, resolve_name
 from dymu.cli import encode_main, find_thresholds_main
 
 MODEL = f"{TINY}-tome-24out"
@@ -93,6 +93,26 @@ def test_encode_prints_counts(mixed_dir, thresholds_file, capsys):
     per_block = [int(v) for v in lines[0].split("per block:")[1].split()]
     assert len(per_block) == 4 and per_block == sorted(per_block, reverse=True)
     assert int(lines[0].split()[1]) == per_block[-1]
+
+
+def test_encode_shows_merged_groups(mixed_dir, thresholds_file, tmp_path, capsys):
+    image = mixed_dir / "img" / "coffee.jpg"
+    args = [image, "--model", MODEL, "--thresholds", thresholds_file, "--show", tmp_path / "show"]
+    code, out, err = run(encode_main, args, capsys)
+    assert code == 0, err
+    picture = tmp_path / "show" / "coffee.dymu.png"
+    assert str(picture) in out
+    sheet = np.asarray(Image.open(picture), dtype=np.int64)
+    assert sheet.shape == (64 + 20, 2 * 64 + 8, 3)
+    encoder = load_encoder(MODEL, "none", thresholds=thresholds_file)
+    with torch.inference_mode():
+        groups = encoder(encoder.preprocess(Image.open(image).convert("RGB"))[None]).groups[0]
+    patch_groups = groups[1:].reshape(8, 8)
+    centres = sheet[4:64:8, 64 + 8 + 4 :: 8]  # the centre pixel of every patch, right half
+    for slot in patch_groups.unique():
+        colours = centres[(patch_groups == slot).numpy()]
+        assert (colours == colours[0]).all()  # one group, one colour
+    assert int(out.split()[1]) == len(groups.unique())  # tokens printed = slots in the picture
 
 
 def test_console_script_installed(mixed_dir, tmp_path):
