@@ -34,6 +34,16 @@ class RawItem:
     path: Path | None = None
     data: bytes | None = None
     error: str | None = None  # known bad before decoding (e.g. a shard sample with no image)
+    span: tuple[int, int] | None = None  # (offset, size) of the bytes inside ``path`` (a tar)
+
+    def read(self) -> bytes:
+        """The encoded image bytes (read from the tar only now, by whoever decodes it)."""
+        if self.span is None:
+            return self.data or b""
+        offset, size = self.span
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read(size)
 
 
 class FileList:
@@ -83,7 +93,12 @@ class FolderSource(FileList):
 
 
 class ShardSource:
-    """webdataset tar shards (``'train-{000..099}.tar'``), read as a stream, one image a sample."""
+    """webdataset tar shards (``'train-{000..099}.tar'``), one image a sample.
+
+    Every DataLoader worker walks all shards to keep one stream order, but in a plain
+    ``.tar`` it reads only the 512-byte headers and seeks past the data: an image's bytes
+    are read by the one worker that decodes it. Compressed shards are read whole.
+    """
 
     def __init__(self, pattern: str) -> None:
         from webdataset.shardlists import expand_urls
@@ -102,7 +117,8 @@ def _shard_samples(shard: Path) -> Iterator[RawItem]:
     """Group tar members by webdataset key (the path up to the first dot of the file name)."""
     key, files = None, {}
     try:
-        with tarfile.open(shard, "r|*") as tar:
+        seekable = _plain_tar(shard)
+        with tarfile.open(shard, "r:" if seekable else "r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -113,7 +129,10 @@ def _shard_samples(shard: Path) -> Iterator[RawItem]:
                     yield _sample_item(shard, key, files)
                     files = {}
                 key = sample
-                files[ext.lower()] = tar.extractfile(member).read()
+                if seekable:
+                    files[ext.lower()] = (member.offset_data, member.size)
+                else:
+                    files[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
         yield RawItem(f"{shard}", error=f"broken shard: {exc}")
         return
@@ -121,10 +140,22 @@ def _shard_samples(shard: Path) -> Iterator[RawItem]:
         yield _sample_item(shard, key, files)
 
 
-def _sample_item(shard: Path, key: str, files: dict[str, bytes]) -> RawItem:
+def _plain_tar(shard: Path) -> bool:
+    """An uncompressed tar (its members can be reached by seeking)."""
+    try:
+        with tarfile.open(shard, "r:"):
+            return True
+    except tarfile.ReadError:
+        return False
+
+
+def _sample_item(shard: Path, key: str, files: dict[str, bytes | tuple[int, int]]) -> RawItem:
     for ext in SHARD_IMAGE_KEYS:
         if ext in files:
-            return RawItem(f"{shard}:{key}", data=files[ext])
+            found = files[ext]
+            if isinstance(found, tuple):
+                return RawItem(f"{shard}:{key}", path=shard, span=found)
+            return RawItem(f"{shard}:{key}", data=found)
     return RawItem(f"{shard}:{key}", error=f"no image in sample (keys: {', '.join(files)})")
 
 
@@ -155,16 +186,17 @@ def _open(item: RawItem) -> tuple[Image.Image | None, str | None]:
     if item.error is not None:
         return None, item.error
     try:
-        if item.path is not None:
+        if item.path is not None and item.span is None:
             if not item.path.is_file():
                 return None, "missing file"
             if item.path.stat().st_size == 0:
                 return None, "empty file"
             img = Image.open(item.path)
         else:
-            if not item.data:
+            data = item.read()
+            if not data:
                 return None, "empty file"
-            img = Image.open(io.BytesIO(item.data))
+            img = Image.open(io.BytesIO(data))
         with img:
             img.load()
             return to_rgb(img), None

@@ -18,6 +18,7 @@ from PIL import Image
 import dymu
 from dymu import Thresholds
 from dymu.cli import find_thresholds_main
+from dymu.data import open_source
 from dymu.job import CalibrationConfig, run_calibration
 
 MODEL = f"{TINY}-tome-24out"
@@ -40,8 +41,10 @@ def sources(photos, tmp_path_factory):
         img.save(folder / fname)
         entries.append({"image": f"folder/sub/{fname}"})
     (root / "list.json").write_text(json.dumps(entries))
-    for shard in range(2):
-        with tarfile.open(root / f"shard-{shard:03d}.tar", "w") as tar:
+    for shard, suffix in ((s, sfx) for s in range(2) for sfx in ("tar", "tar.gz")):
+        with tarfile.open(
+            root / f"shard-{shard:03d}.{suffix}", "w:gz" if "gz" in suffix else "w"
+        ) as tar:
             for i in range(shard * 6, shard * 6 + 6):
                 data = (folder / f"{i:02d}_{PHOTOS[i]}.jpg").read_bytes()
                 for ext, payload in (("jpg", data), ("txt", PHOTOS[i].encode())):
@@ -52,7 +55,19 @@ def sources(photos, tmp_path_factory):
         "json": root / "list.json",
         "folder": root / "folder",
         "shards": str(root / "shard-{000..001}.tar"),
+        "gzipped shards": str(root / "shard-{000..001}.tar.gz"),
     }
+
+
+def test_shard_bytes_are_read_only_by_the_decoder(sources):
+    """A plain tar yields (offset, size) spans, not bytes; a gzipped one must be read."""
+    folder = Path(sources["folder"]) / "sub"
+    originals = [(folder / f"{i:02d}_{name}.jpg").read_bytes() for i, name in enumerate(PHOTOS)]
+    plain = list(open_source(sources["shards"]))
+    assert all(item.data is None and item.span is not None for item in plain)
+    assert [item.read() for item in plain] == originals
+    gzipped = list(open_source(sources["gzipped shards"]))
+    assert [item.data for item in gzipped] == originals
 
 
 def test_three_sources_give_the_same_thresholds(sources, tmp_path):
@@ -63,6 +78,7 @@ def test_three_sources_give_the_same_thresholds(sources, tmp_path):
         assert res.thresholds.metadata["images"] == "12" and res.thresholds.count[0] == 3
     assert torch.equal(results["json"].sum, results["folder"].sum)
     assert torch.equal(results["json"].sum, results["shards"].sum)
+    assert torch.equal(results["json"].sum, results["gzipped shards"].sum)
     # worker processes decode in parallel but the stream order, and so the result, is kept
     two = run_calibration(config(sources["shards"], tmp_path / "w.safetensors", num_workers=2))
     assert torch.equal(two.thresholds.sum, results["json"].sum)
@@ -327,3 +343,27 @@ def test_low_precision_calibration_keeps_float64_statistics(sources, tmp_path):
     assert res.thresholds.sum.dtype == torch.float64
     assert res.thresholds.metadata["dtype"] == "bf16"
     assert ((res.thresholds.thresholds > 0) & (res.thresholds.thresholds <= 1)).all()
+
+
+def test_broken_shards_are_reported_not_fatal(photos, tmp_path):
+    """A sample without an image, a shard cut inside an image, and a file that is no tar."""
+    jpg = io.BytesIO()
+    photos[0].save(jpg, format="JPEG")
+    members = [("s0.jpg", jpg.getvalue()), ("s1.txt", b"caption only"), ("s2.jpg", jpg.getvalue())]
+    with tarfile.open(tmp_path / "good.tar", "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        cut = tar.getmember("s2.jpg").offset_data + 100  # inside s2's data
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "good.tar").read_bytes()[:cut])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar " * 100)
+    reasons = {}
+    for name in ("good", "cut", "junk"):
+        stream = dymu.data.ImageStream(open_source(str(tmp_path / f"{name}.tar")), lambda im: 0)
+        reasons[name] = [item.reason for item in stream]
+    assert reasons["good"] == [None, "no image in sample (keys: txt)", None]
+    assert reasons["cut"][:2] == reasons["good"][:2] and len(reasons["cut"]) == 3
+    assert reasons["cut"][2].startswith("broken shard")
+    assert len(reasons["junk"]) == 1 and reasons["junk"][0].startswith("broken shard")
