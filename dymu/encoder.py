@@ -103,9 +103,11 @@ class DyMUEncoder(nn.Module):
             )
         taus = self.thresholds.merging_blocks()
         protected = self.protected
+        precision = next(self.tower.parameters()).dtype  # scores are rounded to it, so is tau
         rules: list[Rule | None] = []
         for r, tau in zip(self.r[: self.num_run], taus, strict=False):
             if r > 0 and tau is not None:
+                tau = float(torch.tensor(tau).to(precision))
                 rules.append(
                     lambda m, lengths, n, tau=tau: threshold_rule(m, tau, lengths, protected)
                 )

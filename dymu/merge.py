@@ -28,8 +28,11 @@ def bipartite_scores(
     ``metric`` is ``(B, N, C)`` (unnormalised keys), ``lengths`` ``(B,)``. The first
     ``protected`` A tokens (the class token) and padding never match: their score is -inf.
     Returns ``node_max (B, ceil(N/2))`` float32 and ``node_idx`` (index into the B tokens).
+    Scores are computed in float32 and rounded to ``metric``'s dtype, the precision the
+    reference compares in (an fp16 tower sees fp16 scores and fp16 thresholds).
     """
     n = metric.shape[1]
+    precision = metric.dtype
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
     dev = metric.device
@@ -38,6 +41,7 @@ def bipartite_scores(
     valid_b = pos_b[None, :] < lengths[:, None]
     scores = scores.masked_fill(~valid_b[:, None, :], NEG_INF)
     node_max, node_idx = scores.max(dim=-1)
+    node_max = node_max.to(precision).float()
     valid_a = (pos_a[None, :] < lengths[:, None]) & (pos_a[None, :] >= 2 * protected)
     return node_max.masked_fill(~valid_a, NEG_INF), node_idx
 

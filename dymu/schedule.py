@@ -41,8 +41,9 @@ def _linear(r_total: int, num_blocks: int) -> list[int]:
     r: list[int] = []
     total = 0
     k = 0
+    step = r0 / num_blocks  # k * step, not k * r0 / L: the reference's float rounding
     while len(r) < num_blocks - 1:
-        value = int(r0 - k * r0 / num_blocks)
+        value = int(r0 - k * step)
         if total + value >= r_total:
             break
         r.append(value)

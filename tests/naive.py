@@ -102,10 +102,11 @@ def naive_encode(visual, pixels: torch.Tensor, r: list[int], taus: list[float] |
                     s, j, b, i = flat[t]
                     if s > -math.inf:
                         merges[b][i] = j
-                rank = min(rr, len(flat) - 1)
-                found.append(max(flat[order[rank]][0], 0.0))
+                if rr > 0:  # too few tokens to merge: the block records nothing, reorders nothing
+                    rank = min(rr, len(flat) - 1)
+                    found.append(max(flat[order[rank]][0], 0.0))
             for b in range(len(xs)):
-                if merges[b] or taus is None:
+                if merges[b] or (taus is None and rr > 0):
                     xs[b], sizes[b], groups[b] = _merge(xs[b], sizes[b], groups[b], merges[b])
         for b in range(len(xs)):
             xs[b] = xs[b] + blk.ls_2(blk.mlp(blk.ln_2(xs[b])))

@@ -131,6 +131,14 @@ def test_low_precision_runs_and_accounts(encoder, pixels, calibrated):
     assert out.tokens.dtype == torch.bfloat16 and out.sizes.dtype == torch.float32
     assert torch.allclose(out.sizes.sum(1), torch.full((len(pixels),), 65.0))
     assert torch.isfinite(out.tokens.float()).all()
+    # a bf16 tower compares bf16 scores with bf16 thresholds (as the reference does), so
+    # thresholds that round to the same bf16 value give the same tokens
+    rounded = calibrated.thresholds.to(torch.bfloat16).double()
+    for nudge in (1 + 2**-10, 1 - 2**-10):
+        enc.set_thresholds(Thresholds.from_values(rounded * nudge, calibrated.r))
+        with torch.no_grad():
+            again = enc(pixels)
+        assert torch.equal(again.lengths, out.lengths) and torch.equal(again.tokens, out.tokens)
 
 
 def test_missing_thresholds_is_a_clear_error(monkeypatch, tmp_path):

@@ -97,6 +97,12 @@ def test_schedules():
     assert linear[:4] == [42, 40, 38, 36] and sum(linear) == 504 and len(linear) == 24
     assert make_schedule(504, 24, "reverse_linear") == linear[::-1]
     assert make_schedule(0, 3, "linear") == [0, 0, 0]
+    # 14 blocks, 406 tokens: r0 = 58, step = 58 / 14. The reference computes 7 * step =
+    # 29.000000000000004 in floats, so block 7 gets int(28.99...) = 28, not 29, and the
+    # remainder grows by one; thresholds made with its schedule need the same r.
+    odd = make_schedule(406, 14, "linear")
+    assert odd[6:8] == [33, 28] and odd[11] == 2 and sum(odd) == 406
+    assert 7 * (58 / 14) > 29
     assert make_schedule(5, 3, [1, 0, 4]) == [1, 0, 4]
     with pytest.raises(DyMUError, match="3 non-negative entries"):
         make_schedule(5, 3, [1, 4])
