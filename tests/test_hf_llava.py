@@ -158,3 +158,17 @@ def test_mapping_count_mismatch_is_a_clear_error():
         hf_llava.build_mapping(
             ids == IMAGE_TOKEN, torch.zeros(2, PATCHES, dtype=torch.long), torch.tensor([1, 1])
         )
+
+
+def test_per_call_feature_choice_is_honoured_or_refused(calibrated):
+    model = build()
+    hf_llava.apply(model, calibrated)
+    x, ids = pixels([checkerboard()]), prompts(1)
+    layer = model.config.vision_feature_layer
+    with torch.no_grad():
+        same = model(input_ids=ids, pixel_values=x, vision_feature_layer=layer).logits
+        assert torch.equal(same, model(input_ids=ids, pixel_values=x).logits)
+        with pytest.raises(dymu.DyMUError, match=f"vision_feature_layer={layer}, not -1"):
+            model(input_ids=ids, pixel_values=x, vision_feature_layer=-1)
+        with pytest.raises(dymu.DyMUError, match="strategy='default', not 'full'"):
+            model(input_ids=ids, pixel_values=x, vision_feature_select_strategy="full")

@@ -125,6 +125,7 @@ def _forward(self: nn.Module, *args, pixel_values=None, input_ids=None, **kwargs
         )
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+    _check_feature_choice(state.encoder, kwargs)
     param = next(state.encoder.parameters())
     out = state.encoder(pixel_values.to(device=param.device, dtype=param.dtype))
     merged = self.multi_modal_projector(out.tokens)  # (I, L, D_text): projector at merged length
@@ -138,6 +139,24 @@ def _forward(self: nn.Module, *args, pixel_values=None, input_ids=None, **kwargs
         is_image = input_ids == self.config.image_token_id
         kwargs["vtu_mapping"] = build_mapping(is_image, out.groups, out.lengths)
     return type(self).forward(self, *args, input_ids=input_ids, **kwargs)
+
+
+def _check_feature_choice(encoder: DyMUEncoder, kwargs: dict) -> None:
+    """Per-call feature layer/strategy: fine when they match the patched encoder, else an error
+    (the encoder was built for the config's choice; silently ignoring one would mislead)."""
+    layer = kwargs.pop("vision_feature_layer", None)
+    strategy = kwargs.pop("vision_feature_select_strategy", None)
+    if layer is not None and layer != encoder.select_layer:
+        raise DyMUError(
+            f"dymu was applied for vision_feature_layer={encoder.select_layer}, not {layer}: "
+            "set it in the model config and apply again"
+        )
+    built = "default" if encoder.drop_cls else "full"
+    if strategy is not None and strategy != built:
+        raise DyMUError(
+            f"dymu was applied for vision_feature_select_strategy={built!r}, not {strategy!r}: "
+            "set it in the model config and apply again"
+        )
 
 
 def _llava_model(model: nn.Module) -> nn.Module:
