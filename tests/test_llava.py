@@ -32,7 +32,7 @@ def enabled():
     dymu_llava.disable()
 
 
-def build(thresholds, vtu=True, tower=NAME):
+def build(thresholds, vtu=True, tower=NAME, **extra):
     torch.manual_seed(0)
     cfg = llava_llama.LlavaConfig(
         **TINY_LM,
@@ -45,9 +45,12 @@ def build(thresholds, vtu=True, tower=NAME):
         dymu_thresholds=str(thresholds),
         dymu_vtu=vtu,
         attn_implementation="sdpa",
+        **extra,
     )
     model = llava_llama.LlavaLlamaForCausalLM(cfg).eval()
     model.get_model().get_vision_tower().load_model()
+    if hasattr(model.get_model(), "image_newline"):  # LLaVA leaves it uninitialised
+        model.get_model().image_newline.data.normal_()
     return model
 
 
@@ -131,3 +134,71 @@ def test_module_runner(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "patched ['--x']" in proc.stdout
+
+
+ANYRES = dict(  # LLaVA-1.6: a base view plus grid crops, unpadded, newline per row
+    image_aspect_ratio="anyres",
+    mm_patch_merge_type="spatial_unpad",
+    image_grid_pinpoints=[[64, 128], [128, 64], [128, 128]],
+)
+
+
+def anyres_inputs(model, photos):
+    from llava.mm_utils import process_images
+
+    tower = model.get_model().get_vision_tower()
+    pictures = [photos[0].resize((120, 70)), photos[3].resize((70, 120))]  # both get unpadded
+    pixels = process_images(pictures, tower.image_processor, model.config)
+    return pixels, [p.size for p in pictures]
+
+
+def test_anyres_with_nothing_merged_equals_llava_itself(tmp_path, photos, enabled):
+    never = tmp_path / "never.safetensors"
+    dymu.Thresholds.from_values(torch.full((4,), 2.0), torch.full((4,), 10)).save(never)
+    model = build(never, **ANYRES)
+    pixels, sizes = anyres_inputs(model, photos)
+    ids = torch.tensor([[1, 5, IMAGE, 7, 8]] * 2)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, images=pixels, image_sizes=sizes).logits
+        # LLaVA's own arrangement (crops, unpadding, newlines) run by the plain Llama
+        prepared = model.prepare_inputs_labels_for_multimodal(
+            ids, None, mask, None, None, pixels, sizes
+        )
+        plain = model(inputs_embeds=prepared[4], attention_mask=prepared[2]).logits
+    assert got.shape == plain.shape and got.shape[1] > 5 + 64 * 2  # base view + crops
+    assert torch.allclose(got, plain, atol=1e-5)
+
+
+def test_anyres_groups_follow_llavas_arrangement(thresholds, photos, enabled):
+    model = build(thresholds, **ANYRES)
+    pixels, sizes = anyres_inputs(model, photos)
+    ids = torch.tensor([[1, 5, IMAGE, 7, 8]] * 2)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        position_ids, new_mask, _, embeds, _, mapping = dymu_llava._prepare(
+            model, ids, None, mask, None, None, pixels, sizes
+        )
+        lengths = model.get_model().get_vision_tower().last_groups[1]
+        patch = dymu_llava._trace(model, ids, mask, pixels, sizes) >= 0  # not text, newline
+        out = model.generate(
+            ids, attention_mask=mask, images=pixels, image_sizes=sizes, max_new_tokens=2
+        )
+    assert out.shape == (2, 2) and int(lengths.sum()) < 64 * len(lengths)
+    for b in range(2):
+        slots, rows = mapping[b], embeds[b]
+        for slot in slots.unique():  # positions sharing a slot hold the same feature
+            same = rows[slots == slot]
+            assert (same == same[0]).all()
+        # and patch positions holding different features never share one
+        patch_slots, patch_rows = slots[patch[b]], rows[patch[b]]
+        assert len(patch_slots.unique()) == len(patch_rows.unique(dim=0)) < len(patch_slots)
+        newlines = (rows == model.get_model().image_newline).all(-1)
+        assert newlines.sum() > 0 and not (patch[b] & newlines).any()
+
+
+def test_anyres_without_vtu_is_a_clear_error(thresholds, photos, enabled):
+    model = build(thresholds, vtu=False, **ANYRES)
+    pixels, sizes = anyres_inputs(model, photos)
+    with pytest.raises(dymu.DyMUError, match="need dymu_vtu: true"):
+        model(input_ids=torch.tensor([[1, IMAGE, 7]] * 2), images=pixels, image_sizes=sizes)

@@ -5,8 +5,9 @@ dymu name) builds a DyMU tower: open_clip weights from ``dymu_pretrained`` (defa
 ``openai``), thresholds from ``dymu_thresholds`` (default: looked up by name). With
 ``"dymu_vtu": true`` (the default) each merged token is repeated over its patches and the
 Llama runs virtual token unmerging; with ``false`` the merged tokens are fed directly (a
-shorter prompt). Models with other towers behave exactly as before; :func:`disable` undoes
-everything. ``python -m dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of
+shorter prompt). LLaVA-1.6 anyres crops (unpadded, with newline tokens) are followed by
+tracing LLaVA's own arrangement (:func:`_trace`). Models with other towers behave exactly as
+before; :func:`disable` undoes everything. ``python -m dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of
 LLaVA's own scripts with DyMU enabled.
 """
 
@@ -25,7 +26,6 @@ from ..errors import DyMUError
 from ..factory import load_encoder
 from ..names import resolve_name
 from ..vtu import apply_vtu, expand_groups
-from .hf_llava import build_mapping
 
 IGNORE_INDEX = -100  # LLaVA's label for positions without a target
 _saved: dict[tuple[object, str], object] = {}
@@ -51,6 +51,7 @@ class DyMULlavaTower(nn.Module):
         )
         # groups and lengths of the last forward, read by the model right after (same call)
         self.last_groups: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.tracing = False  # encode_images returns position markers instead (see _trace)
         if not delay_load:
             self.load_model()
 
@@ -178,10 +179,72 @@ def _original(name: str):
 
 def _encode_images(self, images):
     tower = _dymu_tower(self)
+    if tower is not None and tower.tracing:
+        return _markers(images.shape[0], tower.last_groups[0].shape[1], self)
     if tower is None or tower.vtu:
         return _original("encode_images")(self, images)
     projector = self.get_model().mm_projector
     return [projector(f) for f in tower(images)]
+
+
+# A marker row says which crop and patch a position holds: channels 0-3 are crop // 128,
+# crop % 128, patch // 128, patch % 128 (exact even in bf16), the rest -1.
+_SPLIT = 128
+
+
+def _markers(crops: int, patches: int, model) -> torch.Tensor:
+    """Stand-in features whose rows name their (crop, patch), for :func:`_trace`."""
+    embed = model.get_model().embed_tokens.weight
+    rows = torch.full((crops, patches, embed.shape[1]), -1.0, device=embed.device)
+    crop = torch.arange(crops, device=embed.device)[:, None].expand(crops, patches)
+    patch = torch.arange(patches, device=embed.device)[None, :].expand(crops, patches)
+    for channel, value in enumerate(
+        (crop // _SPLIT, crop % _SPLIT, patch // _SPLIT, patch % _SPLIT)
+    ):
+        rows[..., channel] = value
+    return rows.to(embed.dtype)
+
+
+def _trace(self, input_ids, attention_mask, images, image_sizes) -> torch.Tensor:
+    """``(B, N)``: which crop patch (``crop * P + patch``) each position of the sequence LLaVA
+    builds holds, -1 for text, padding and LLaVA's own image_newline tokens.
+
+    LLaVA's input preparation runs a second time with markers for features, so every
+    arrangement it makes (anyres crops, unpadding, newlines) is followed, not re-implemented.
+    """
+    tower = _dymu_tower(self)
+    patches = tower.last_groups[0].shape[1]
+    tower.tracing = True
+    try:
+        prepared = self.prepare_inputs_labels_for_multimodal(
+            input_ids, None, attention_mask, None, None, images, image_sizes
+        )
+    finally:
+        tower.tracing = False
+    rows = prepared[4].float()
+    is_marker = (rows[..., 4:] == -1).all(-1) & (prepared[2].bool())
+    crop = rows[..., 0] * _SPLIT + rows[..., 1]
+    patch = rows[..., 2] * _SPLIT + rows[..., 3]
+    return torch.where(is_marker, (crop * patches + patch).long(), -1)
+
+
+def trace_mapping(
+    origin: torch.Tensor, groups: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """Full position -> merged slot from :func:`_trace`'s origins (``-1``: a slot of its own).
+
+    ``groups (C, P)`` and ``lengths (C,)`` are the crops' merge groups. Positions of the same
+    crop and group share a slot; slots are numbered compactly per sample (a group that
+    LLaVA's unpadding removed entirely takes none).
+    """
+    num, width = origin.shape
+    crops, patches = groups.shape
+    first_slot = (lengths.cumsum(0) - lengths).to(origin.device)
+    flat = origin.clamp(min=0)
+    image_key = width + first_slot[flat // patches] + groups.to(origin.device).reshape(-1)[flat]
+    own_key = torch.arange(width, device=origin.device).expand(num, width)
+    keys = torch.where(origin >= 0, image_key, own_key)
+    return torch.stack([torch.unique(row, return_inverse=True)[1] for row in keys])
 
 
 def _prepare(
@@ -189,8 +252,8 @@ def _prepare(
 ):
     """LLaVA's own input preparation, plus the VTU mapping of the sequence it builds.
 
-    Text positions carry their original index through LLaVA's ``labels`` path, so image
-    positions are the unmasked ones labelled ``IGNORE_INDEX``.
+    Text positions carry their original index through LLaVA's ``labels`` path; image
+    positions are found by :func:`_trace`.
     """
     marker = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids).bool()
@@ -200,8 +263,7 @@ def _prepare(
         )
     )
     groups, lengths = _dymu_tower(self).last_groups
-    is_image = new_mask.bool() & (placed == IGNORE_INDEX)
-    mapping = build_mapping(is_image, groups, lengths)
+    mapping = trace_mapping(_trace(self, input_ids, mask, images, image_sizes), groups, lengths)
     if labels is not None:
         text = placed >= 0
         labels = torch.where(text, labels.gather(1, placed.clamp(min=0)), IGNORE_INDEX)
@@ -211,7 +273,14 @@ def _prepare(
 
 def _uses_vtu(self, images) -> bool:
     tower = _dymu_tower(self)
-    if tower is None or not tower.vtu or images is None:
+    if tower is None or images is None:
+        return False
+    if not tower.vtu:
+        if isinstance(images, list) or images.ndim == 5:
+            raise DyMUError(
+                "dymu_vtu: false feeds merged tokens, one view per image; several views per "
+                "image (anyres crops, LLaVA-1.6) need dymu_vtu: true"
+            )
         return False
     apply_vtu(self.get_model())  # idempotent: the Llama runs VTU when given a mapping
     return True
