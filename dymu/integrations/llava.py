@@ -7,8 +7,8 @@ dymu name) builds a DyMU tower: open_clip weights from ``dymu_pretrained`` (defa
 Llama runs virtual token unmerging; with ``false`` the merged tokens are fed directly (a
 shorter prompt). LLaVA-1.6 anyres crops (unpadded, with newline tokens) are followed by
 tracing LLaVA's own arrangement (:func:`_trace`). Models with other towers behave exactly as
-before; :func:`disable` undoes everything. ``python -m dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of
-LLaVA's own scripts with DyMU enabled.
+before; :func:`disable` undoes everything. ``python -m dymu.integrations.llava
+llava.eval.model_vqa ARGS`` runs one of LLaVA's own scripts with DyMU enabled.
 """
 
 from __future__ import annotations
