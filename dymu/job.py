@@ -125,7 +125,7 @@ def run_calibration(
         raise DyMUError("--batch-size must be at least 1")
     if cfg.dtype not in DTYPES:
         raise DyMUError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    rank, world, owned = _init_distributed()
+    rank, world, owned = _init_distributed(_device(cfg.device))
     try:
         return _run(cfg, rank, world, on_batch, on_start)
     finally:
@@ -241,10 +241,18 @@ def _expected_images(
     return sum(min(size, total - b * size) for b in batches if b % world == rank)
 
 
-def _init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call created the process group and must end it)."""
+def _init_distributed(device: str) -> tuple[int, int, bool]:
+    """(rank, world size, whether this call created the process group and must end it).
+
+    NCCL when this process computes on a GPU (bound to it, so collectives and the final
+    barrier use that GPU), gloo on CPU.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.device(device).type == "cuda":
+            torch.cuda.set_device(torch.device(device))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size(), True
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), False
@@ -252,9 +260,10 @@ def _init_distributed() -> tuple[int, int, bool]:
 
 
 def _device(name: str | None) -> str:
-    if name:
+    """The device asked for; a bare ``cuda`` (or none, with a GPU) means this rank's GPU."""
+    if name and name != "cuda":
         return name
-    if torch.cuda.is_available():
+    if name == "cuda" or torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return "cpu"
 

@@ -367,3 +367,15 @@ def test_broken_shards_are_reported_not_fatal(photos, tmp_path):
     assert reasons["cut"][:2] == reasons["good"][:2] and len(reasons["cut"]) == 3
     assert reasons["cut"][2].startswith("broken shard")
     assert len(reasons["junk"]) == 1 and reasons["junk"][0].startswith("broken shard")
+
+
+def test_each_rank_gets_its_own_gpu(monkeypatch):
+    from dymu.job import _device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _device("cuda") == "cuda:3"  # a bare cuda under torchrun: this rank's GPU
+    assert _device("cuda:1") == "cuda:1" and _device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device(None) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device(None) == "cuda:3"
