@@ -117,8 +117,8 @@ def _shard_samples(shard: Path) -> Iterator[RawItem]:
     """Group tar members by webdataset key (the path up to the first dot of the file name)."""
     key, files = None, {}
     try:
-        seekable = _plain_tar(shard)
-        with tarfile.open(shard, "r:" if seekable else "r|*") as tar:
+        tar, seekable = _open_tar(shard)
+        with tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -140,13 +140,12 @@ def _shard_samples(shard: Path) -> Iterator[RawItem]:
         yield _sample_item(shard, key, files)
 
 
-def _plain_tar(shard: Path) -> bool:
-    """An uncompressed tar (its members can be reached by seeking)."""
+def _open_tar(shard: Path) -> tuple[tarfile.TarFile, bool]:
+    """A plain tar opened for seeking, else (compressed) a stream; and which it is."""
     try:
-        with tarfile.open(shard, "r:"):
-            return True
+        return tarfile.open(shard, "r:"), True
     except tarfile.ReadError:
-        return False
+        return tarfile.open(shard, "r|*"), False
 
 
 def _sample_item(shard: Path, key: str, files: dict[str, bytes | tuple[int, int]]) -> RawItem:

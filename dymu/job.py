@@ -125,9 +125,10 @@ def run_calibration(
         raise DyMUError("--batch-size must be at least 1")
     if cfg.dtype not in DTYPES:
         raise DyMUError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    rank, world, owned = _init_distributed(_device(cfg.device))
+    device = _device(cfg.device)
+    rank, world, owned = _init_distributed(device)
     try:
-        return _run(cfg, rank, world, on_batch, on_start)
+        return _run(cfg, device, rank, world, on_batch, on_start)
     finally:
         if owned:  # every rank leaves together, after rank 0 has written its files
             dist.destroy_process_group()
@@ -135,6 +136,7 @@ def run_calibration(
 
 def _run(
     cfg: CalibrationConfig,
+    device: str,
     rank: int,
     world: int,
     on_batch: Callable[[Batch, TokenStats], None] | None,
@@ -144,12 +146,11 @@ def _run(
     encoder = build_encoder(
         cfg.model,
         cfg.pretrained,
-        device=_device(cfg.device),
+        device=device,
         dtype=DTYPES[cfg.dtype],
         r_total=cfg.r_total,
         schedule=cfg.schedule,
     )
-    device = next(encoder.parameters()).device
     num_blocks = encoder.tower.num_blocks
     identity = {
         "model": cfg.model,
