@@ -14,14 +14,14 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .data import load_rgb
+from .data import load_rgb, stack_inputs
 from .errors import DyMUError
 from .factory import load_encoder, normalize_pretrained
 from .job import DTYPES, CalibrationConfig, run_calibration
 from .names import resolve_name
 from .schedule import SCHEDULES, make_schedule
 from .thresholds import Thresholds
-from .visualize import shown_image, side_by_side
+from .visualize import merge_picture
 
 DEFAULT_MODEL = "ViT-L-14-336-tome"
 
@@ -96,22 +96,18 @@ def find_thresholds_parser() -> argparse.ArgumentParser:
         help='a JSON list of {"image": path}, a folder (recursive) or webdataset shards '
         "such as 'shards/train-{000..099}.tar'",
     )
+    _add_tower_choice(p)
     p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="dymu model name: <open_clip model>-tome[-<K>out][-linear|-reverse-linear]",
+        "--out",
+        default=None,
+        help="output file (default: <model>.safetensors, or <folder name>-tome.safetensors)",
     )
-    p.add_argument(
-        "--pretrained",
-        default="openai",
-        help="open_clip weights tag, a checkpoint path, or 'none' for random weights",
-    )
-    p.add_argument("--out", default=None, help="output file (default: <model>.safetensors)")
     p.add_argument(
         "--r-total",
         type=int,
         default=None,
-        help="tokens removed per image on average (default: from the model name)",
+        help="tokens removed per image on average (default: from the model name; with "
+        "--hf-model two thirds of the patches)",
     )
     p.add_argument(
         "--schedule",
@@ -171,12 +167,48 @@ def find_thresholds_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_tower_choice(p: argparse.ArgumentParser, pretrained_default: str = "openai") -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="dymu model name: <open_clip model>-tome[-<K>out][-linear|-reverse-linear]; "
+        "the open_clip model may be a CLIP or a SigLIP/SigLIP2 (timm) tower "
+        f"(default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip weights tag, a checkpoint path, or 'none' for random weights "
+        f"(default: {pretrained_default})",
+    )
+    p.add_argument(
+        "--hf-model",
+        metavar="PATH",
+        default=None,
+        help="a local transformers model folder (save_pretrained) instead of --model: a "
+        "vision model (CLIP, SigLIP, SigLIP2, ViT) or a VLM, whose vision tower is used",
+    )
+
+
+def _tower_choice(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(model, pretrained) from --model/--pretrained or --hf-model, which exclude each other."""
+    if args.hf_model is not None:
+        if args.model is not None or args.pretrained is not None:
+            raise DyMUError(
+                "--hf-model brings its own tower and weights: drop --model/--pretrained"
+            )
+        return args.hf_model, None
+    return args.model or DEFAULT_MODEL, args.pretrained
+
+
 def _find_thresholds(args: argparse.Namespace) -> None:
     _register_configs(args.model_config)
+    model, pretrained = _tower_choice(args)
     cfg = CalibrationConfig(
         data=args.data,
-        model=args.model,
-        pretrained=args.pretrained,
+        model=model,
+        pretrained=pretrained or "openai",
+        hf_model=args.hf_model,
         out=args.out,
         r_total=args.r_total,
         schedule=args.schedule,
@@ -192,7 +224,7 @@ def _find_thresholds(args: argparse.Namespace) -> None:
         resume=args.resume,
     )
     rank = int(os.environ.get("RANK", "0"))
-    if normalize_pretrained(cfg.pretrained) is None and rank == 0:
+    if not cfg.hf_model and normalize_pretrained(cfg.pretrained) is None and rank == 0:
         print("note: random weights (--pretrained none): thresholds only fit this seeded init")
     bar = None
     skipped = 0
@@ -227,7 +259,7 @@ def _find_thresholds(args: argparse.Namespace) -> None:
     for i, (r, t, c) in enumerate(rows):
         print(f"{i:>5} {r:>4} {t:>10.4f} {c:>8}")
     print(
-        f"tokens per image during calibration (class token included): mean {tokens.mean:.1f}, "
+        f"tokens per image during calibration (prefix tokens included): mean {tokens.mean:.1f}, "
         f"min {tokens.low}, max {tokens.high} (of {result.num_tokens})"
     )
     if result.skipped:
@@ -309,15 +341,11 @@ def encode_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="dymu model name")
+    _add_tower_choice(p, "what the thresholds file was made with, else openai")
     p.add_argument(
-        "--thresholds", default=None, help="thresholds file (default: looked up by model name)"
-    )
-    p.add_argument(
-        "--pretrained",
+        "--thresholds",
         default=None,
-        help="weights tag, checkpoint path or 'none' "
-        "(default: what the thresholds file was made with, else openai)",
+        help="thresholds file (default: looked up by model name; required with --hf-model)",
     )
     p.add_argument(
         "--per-block", action="store_true", help="print the token count after every block"
@@ -336,32 +364,32 @@ def encode_parser() -> argparse.ArgumentParser:
 
 def _encode(args: argparse.Namespace) -> None:
     _register_configs(args.model_config)
-    pretrained = args.pretrained
+    model, pretrained = _tower_choice(args)
     thresholds = Thresholds.load(args.thresholds) if args.thresholds else None
-    if pretrained is None:
+    if pretrained is None and args.hf_model is None:
         pretrained = thresholds.metadata.get("pretrained", "openai") if thresholds else "openai"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = load_encoder(args.model, pretrained, thresholds=thresholds, device=device)
+    encoder = load_encoder(model, pretrained, thresholds=thresholds, device=device)
     width = max(len(p) for p in args.images)
     for path in args.images:
-        pixels = encoder.preprocess(load_rgb(path))[None]
+        inputs = stack_inputs([encoder.preprocess(load_rgb(path))])
         with torch.inference_mode():
-            out = encoder(pixels)
+            out = encoder(inputs)
         line = f"{path:<{width}}  {int(out.lengths[0]):>4} tokens"
         if args.per_block:
             line += "  per block: " + " ".join(str(v) for v in out.block_lengths[0].tolist())
         if args.show:
-            line += "  -> " + str(_show(Path(args.show), path, pixels[0], out, encoder))
+            line += "  -> " + str(_show(Path(args.show), path, inputs, out, encoder))
         print(line)
 
 
-def _show(folder: Path, path: str, pixels: torch.Tensor, out, encoder) -> Path:
+def _show(folder: Path, path: str, inputs, out, encoder) -> Path:
     """Write the merge picture of one image; the name follows the image's."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{Path(path).stem}.dymu.png"
-    patches = out.groups.shape[1] - encoder.protected
-    caption = f"{Path(path).name}: {int(out.lengths[0])} tokens from {patches} patches"
-    side_by_side(shown_image(pixels, encoder.preprocess), out.groups[0], caption).save(target)
+    rows, cols = encoder.tower.patch_grid(inputs, 0)
+    caption = f"{Path(path).name}: {int(out.lengths[0])} tokens from {rows * cols} patches"
+    merge_picture(encoder, inputs, out, caption).save(target)
     return target
 
 

@@ -229,7 +229,7 @@ class Item:
 
     index: int
     key: str
-    pixels: torch.Tensor | None
+    pixels: torch.Tensor | dict[str, torch.Tensor] | None  # what the preprocess gives
     reason: str | None
 
 
@@ -245,7 +245,7 @@ class ImageStream(IterableDataset):
     def __init__(
         self,
         source,
-        preprocess: Callable[[Image.Image], torch.Tensor],
+        preprocess: Callable[[Image.Image], torch.Tensor | dict[str, torch.Tensor]],
         keep: Callable[[int], bool] = lambda index: True,
         max_images: int | None = None,
         shuffle_seed: int | None = None,
@@ -300,12 +300,15 @@ class Batch:
     """One global batch: the images that decoded, and the ones skipped."""
 
     index: int
-    pixels: torch.Tensor | None
+    pixels: torch.Tensor | dict[str, torch.Tensor] | None
     skipped: list[Item]
 
     @property
     def size(self) -> int:
-        return 0 if self.pixels is None else self.pixels.shape[0]
+        if self.pixels is None:
+            return 0
+        first = self.pixels if torch.is_tensor(self.pixels) else next(iter(self.pixels.values()))
+        return first.shape[0]
 
 
 def iterate_batches(stream: ImageStream, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
@@ -328,5 +331,13 @@ def _identity(item: Item) -> Item:
 
 
 def _batch(number: int, good: list[Item], bad: list[Item]) -> Batch:
-    pixels = torch.stack([i.pixels for i in good]) if good else None
-    return Batch(number, pixels, bad)
+    return Batch(number, stack_inputs([i.pixels for i in good]) if good else None, bad)
+
+
+def stack_inputs(
+    items: list[torch.Tensor | dict[str, torch.Tensor]],
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """One batch from per-image inputs: pixel tensors, or dicts of tensors (SigLIP2)."""
+    if torch.is_tensor(items[0]):
+        return torch.stack(items)
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}

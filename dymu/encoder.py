@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import TowerAdapter
+from .adapters.base import Inputs, TowerAdapter
 from .errors import DyMUError
 from .merge import Packing, batch_rule, bipartite_scores, plan_merge, threshold_rule
-from .thresholds import Thresholds
+from .thresholds import Thresholds, TowerIdentity
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class EncoderOutput:
     tokens: torch.Tensor  # (B, L, D) block outputs (before the tower's final norm)
     lengths: torch.Tensor  # (B,) real tokens per image
     sizes: torch.Tensor  # (B, L) float32: original tokens per slot, 0 on padding
-    groups: torch.Tensor  # (B, N0) int64: original token -> slot
+    groups: torch.Tensor  # (B, N0) int64: original token -> slot (-1: a padded input patch)
     pooled: torch.Tensor | None  # (B, E) image embedding, when the tower has a head
     block_lengths: torch.Tensor  # (B, blocks run): tokens per image after each block
 
@@ -42,7 +42,8 @@ class DyMUEncoder(nn.Module):
 
     ``r`` is the per-block schedule (used for calibration; a block with ``r == 0`` never
     merges). ``select_layer`` follows transformers' ``hidden_states`` indexing (LLaVA uses
-    -2): only the blocks up to it run. ``drop_cls`` removes the class token from the output.
+    -2): only the blocks up to it run. ``drop_cls`` removes the prefix tokens (class token,
+    registers) from the output: LLaVA's 'patch' features.
     """
 
     def __init__(
@@ -68,17 +69,25 @@ class DyMUEncoder(nn.Module):
         self.select_layer = select_layer
         self.num_run = total if select_layer is None else select_layer % (total + 1)
         self.drop_cls = drop_cls
-        self.protected = 1 if tower.has_cls else 0
-        self.preprocess: Callable | None = None  # open_clip's eval transform, set by the factory
+        self.num_prefix = tower.num_prefix_tokens
+        # PIL image -> tower input; the factory sets the model's own transform where known
+        self.preprocess: Callable = tower.preprocess()
         self.pretrained = "unknown"  # recorded in threshold files
         self.schedule_name = "explicit:" + ",".join(map(str, self.r))
         self.thresholds: Thresholds | None = None
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-    def set_thresholds(self, thresholds: Thresholds) -> None:
-        """Use these thresholds at inference (validated against the tower)."""
-        thresholds.check_model(self.name, self.name.split("-tome")[0], self.tower.num_blocks)
+    @property
+    def identity(self) -> TowerIdentity:
+        """Which tower this is, as threshold files record it."""
+        return TowerIdentity.of(
+            self.name, self.tower.architecture(), self.tower.patch_weight, self.pretrained
+        )
+
+    def set_thresholds(self, thresholds: Thresholds, source: str = "thresholds") -> None:
+        """Use these thresholds at inference (refused if made for another tower)."""
+        thresholds.check_tower(self.identity, self.tower.num_blocks, source)
         file_r = thresholds.r.tolist()
         if file_r != self.r and any(self.r):
             log.warning(
@@ -92,31 +101,30 @@ class DyMUEncoder(nn.Module):
     def merges(self) -> bool:
         return any(self.r[: self.num_run])
 
-    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
-        """Encode images; each keeps the tokens its content needs."""
+    def forward(self, inputs: Inputs) -> EncoderOutput:
+        """Encode images (pixels, or the dict a tower's processor gives); each keeps the
+        tokens its content needs."""
         if not self.merges:
-            return self._run(pixel_values, [None] * self.num_run, reorder_all=False)
+            return self._run(inputs, [None] * self.num_run, reorder_all=False)
         if self.thresholds is None:
             raise DyMUError(
                 f"{self.name} has no thresholds: find them with `dymu-find-thresholds`, or pass "
                 "thresholds=FILE (r_total=0 encodes without merging)"
             )
         taus = self.thresholds.merging_blocks()
-        protected = self.protected
         precision = next(self.tower.parameters()).dtype  # scores are rounded to it, so is tau
         rules: list[Rule | None] = []
         for r, tau in zip(self.r[: self.num_run], taus, strict=False):
             if r > 0 and tau is not None:
                 tau = float(torch.tensor(tau).to(precision))
-                rules.append(
-                    lambda m, lengths, n, tau=tau: threshold_rule(m, tau, lengths, protected)
-                )
+                rules.append(lambda m, lengths, n, tau=tau: threshold_rule(m, tau))
             else:
                 rules.append(None)
-        return self._run(pixel_values, rules, reorder_all=False)
+        # towers without prefix tokens reorder every image at every merging block (DESIGN 3)
+        return self._run(inputs, rules, reorder_all=self.num_prefix == 0)
 
     def calibrate(
-        self, pixel_values: torch.Tensor, r: Sequence[int] | None = None
+        self, inputs: Inputs, r: Sequence[int] | None = None
     ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor]:
         """One calibration batch with the batch rule (all blocks run).
 
@@ -127,18 +135,18 @@ class DyMUEncoder(nn.Module):
         r = self.r if r is None else [int(v) for v in r]
         total = self.tower.num_blocks
         found: list[torch.Tensor | None] = [None] * total
-        protected = self.protected
+        prefix = self.num_prefix
 
         def make_rule(block: int) -> Rule:
             def rule(node_max: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
-                per_image = min(r[block], (n - protected) // 2)
+                per_image = min(r[block], (n - prefix) // 2)  # a cap on mergeable tokens
                 merged, found[block] = batch_rule(node_max, node_max.shape[0] * per_image)
                 return merged
 
             return rule
 
         rules = [make_rule(b) if r[b] > 0 else None for b in range(total)]
-        out = self._run(pixel_values, rules, reorder_all=True, num_run=total, head=False)
+        out = self._run(inputs, rules, reorder_all=True, num_run=total, head=False)
         device = out.tokens.device
         used = torch.tensor([t is not None for t in found], device=device)
         values = [
@@ -149,22 +157,17 @@ class DyMUEncoder(nn.Module):
 
     def _run(
         self,
-        pixel_values: torch.Tensor,
+        inputs: Inputs,
         rules: Sequence[Rule | None],
         reorder_all: bool,
         num_run: int | None = None,
         head: bool = True,
     ) -> EncoderOutput:
-        tower = self.tower
+        tower, prefix = self.tower, self.num_prefix
         num_run = self.num_run if num_run is None else num_run
-        param = next(tower.parameters())
-        x = tower.embed(pixel_values.to(device=param.device, dtype=param.dtype))
-        bsz, n0, dim = x.shape
-        dev, heads = x.device, tower.num_heads
-        packing = Packing.from_lengths([n0] * bsz, dev)
-        x = x.reshape(bsz * n0, dim)  # packed: (sum of lengths, D)
-        lengths = torch.full((bsz,), n0, device=dev, dtype=torch.long)
-        groups = torch.arange(n0, device=dev).expand(bsz, n0)
+        x, lengths, host_lengths, groups = self._embed(inputs)
+        dev, heads, dim = x.device, tower.num_heads, x.shape[-1]
+        packing = Packing.from_lengths(host_lengths, dev)
         sizes: torch.Tensor | None = None  # (T,) float32 once anything merged
         block_lengths = []
         for block in range(num_run):
@@ -172,10 +175,11 @@ class DyMUEncoder(nn.Module):
             x = x + tower.attn_out(block, _attend(q, k, v, heads, packing, sizes))
             rule = rules[block] if block < len(rules) else None
             n = packing.width
-            if rule is not None and n - self.protected >= 2:
+            if rule is not None and n - prefix >= 2:
                 metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
-                node_max, node_idx = bipartite_scores(metric, lengths, self.protected)
-                plan = plan_merge(rule(node_max, lengths, n), node_idx, lengths, n, reorder_all)
+                node_max, node_idx = bipartite_scores(metric, lengths, prefix)
+                merged = rule(node_max, lengths, n)
+                plan = plan_merge(merged, node_idx, lengths, n, prefix, reorder_all)
                 if plan is not None:
                     after = Packing.from_lengths(list(plan.host_lengths), dev)
                     x, sizes = plan.merge(x, sizes, packing, after)
@@ -195,7 +199,40 @@ class DyMUEncoder(nn.Module):
             pooled=pooled,
             block_lengths=torch.stack(block_lengths, 1) if block_lengths else lengths[:, None],
         )
-        return _drop_cls(out) if self.drop_cls and self.protected else out
+        return _drop_prefix(out, prefix) if self.drop_cls and prefix else out
+
+    def _embed(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+        """Packed embeddings ``(T, D)``, tokens per image (on the device and on the host) and
+        the identity ``groups``.
+
+        A padded input batch (SigLIP2) keeps only each image's real tokens; its padded
+        patches get group -1.
+        """
+        param = next(self.tower.parameters())
+        inputs = _to(inputs, param)
+        x = self.tower.embed(inputs)
+        bsz, n0, dim = x.shape
+        dev = x.device
+        real_lengths = self.tower.input_lengths(inputs)
+        positions = torch.arange(n0, device=dev)
+        if real_lengths is None:
+            lengths = torch.full((bsz,), n0, device=dev, dtype=torch.long)
+            return x.reshape(bsz * n0, dim), lengths, [n0] * bsz, positions.expand(bsz, n0)
+        lengths = real_lengths.to(dev)
+        real = positions[None, :] < lengths[:, None]
+        return x[real], lengths, lengths.tolist(), torch.where(real, positions, -1)
+
+
+def _to(inputs: Inputs, param: torch.Tensor) -> Inputs:
+    """Inputs on the tower's device; floating-point tensors in its dtype."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        dtype = param.dtype if t.is_floating_point() else t.dtype
+        return t.to(device=param.device, dtype=dtype)
+
+    if isinstance(inputs, torch.Tensor):
+        return move(inputs)
+    return {key: move(value) for key, value in inputs.items()}
 
 
 def _attend(
@@ -219,7 +256,7 @@ def _attend(
         q.split(lengths),
         k.split(lengths),
         v.split(lengths),
-        sizes.split(lengths),
+        sizes.split(lengths) if sizes is not None else [None] * len(lengths),
         lengths,
         strict=True,
     )
@@ -242,13 +279,14 @@ def _sdpa(
     return out.transpose(1, 2).reshape(bsz * n, dim)
 
 
-def _drop_cls(out: EncoderOutput) -> EncoderOutput:
-    """LLaVA-style 'patch' features: the class token (always slot 0) removed."""
+def _drop_prefix(out: EncoderOutput, prefix: int) -> EncoderOutput:
+    """LLaVA-style 'patch' features: the prefix tokens (always the first slots) removed."""
+    groups = out.groups[:, prefix:]
     return EncoderOutput(
-        tokens=out.tokens[:, 1:],
-        lengths=out.lengths - 1,
-        sizes=out.sizes[:, 1:],
-        groups=out.groups[:, 1:] - 1,
+        tokens=out.tokens[:, prefix:],
+        lengths=out.lengths - prefix,
+        sizes=out.sizes[:, prefix:],
+        groups=torch.where(groups < 0, groups, groups - prefix),
         pooled=out.pooled,
-        block_lengths=out.block_lengths - 1,
+        block_lengths=out.block_lengths - prefix,
     )

@@ -1,15 +1,18 @@
-"""Build encoders from dymu names: open_clip model, schedule and thresholds in one place."""
+"""Build encoders from dymu names, local transformers folders and model instances, in one place."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+from torch import nn
 
-from .adapters import adapt
+from .adapters import TowerAdapter, adapter_classes
 from .encoder import DyMUEncoder
 from .errors import DyMUError
 from .names import resolve_name
@@ -19,6 +22,11 @@ from .thresholds import Thresholds, find_threshold_file, search_paths
 log = logging.getLogger(__name__)
 
 _NO_WEIGHTS = ("", "none", "random")
+# where a tower sits inside a bigger model: open_clip CLIP, VLMs, dual encoders, classifiers
+_TOWER_ATTRIBUTES = ("visual", "vision_tower", "vision_model", "vit", "model")
+
+# what build_encoder and load_encoder take: a dymu name, a local folder or a model instance
+ModelSource = str | os.PathLike | nn.Module
 
 
 def normalize_pretrained(pretrained: str | None) -> str | None:
@@ -28,8 +36,20 @@ def normalize_pretrained(pretrained: str | None) -> str | None:
     return pretrained
 
 
+@dataclass
+class _Source:
+    """A resolved model source: the tower and what the encoder records about it."""
+
+    tower: TowerAdapter
+    name: str
+    pretrained: str
+    preprocess: Callable | None
+    r_total: int | None = None  # from a dymu name; None: keep a third of the patches
+    schedule: str = "constant"
+
+
 def build_encoder(
-    name: str,
+    model: ModelSource,
     pretrained: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -41,9 +61,110 @@ def build_encoder(
 ) -> DyMUEncoder:
     """An encoder without thresholds (what calibration starts from).
 
-    ``pretrained`` is ``None`` (random init, seeded with ``seed`` so every command builds
-    the same weights), an open_clip tag such as ``'openai'`` or a checkpoint path.
+    ``model`` is a dymu name (``'ViT-L-14-336-tome-72out'``), a local transformers folder
+    (a vision model, or a VLM whose vision tower is taken), or a model instance: an open_clip
+    model or tower, a transformers vision model or a VLM holding one. For names,
+    ``pretrained`` is ``None`` (random init, seeded with ``seed`` so every command builds the
+    same weights), an open_clip tag such as ``'openai'`` or a checkpoint path. Instances are
+    used as they are (device, dtype and train/eval mode unchanged unless ``device``/``dtype``
+    are given). Without ``r_total`` a name's own budget applies; folders and instances keep a
+    third of the patches.
     """
+    source = _resolve(model, pretrained, seed, dtype, device)
+    tower = source.tower
+    if r_total is None:
+        r_total = source.r_total
+    if r_total is None:
+        r_total = tower.num_patches - tower.num_patches // 3
+    schedule = source.schedule if schedule is None else schedule
+    r = make_schedule(r_total, tower.num_blocks, schedule)
+    encoder = DyMUEncoder(tower, r, select_layer=select_layer, drop_cls=drop_cls, name=source.name)
+    if source.preprocess is not None:
+        encoder.preprocess = source.preprocess
+    encoder.pretrained = source.pretrained
+    if isinstance(schedule, str):
+        encoder.schedule_name = schedule
+    if device is not None or dtype is not None:
+        encoder = encoder.to(device=device, dtype=dtype)
+    return encoder if isinstance(model, nn.Module) else encoder.eval()
+
+
+def load_encoder(
+    model: ModelSource,
+    pretrained: str | None = None,
+    thresholds: str | os.PathLike | Thresholds | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides,
+) -> DyMUEncoder:
+    """A ready-to-use DyMU encoder for a name such as ``'ViT-L-14-336-tome'``, a local
+    transformers folder or a model instance (see :func:`build_encoder`).
+
+    ``thresholds`` is a file, a :class:`Thresholds` or ``None`` (for dymu names: look the name
+    up in the shipped ``thresholds/`` folder, then ``$DYMU_THRESHOLDS``). Thresholds made for
+    another tower are refused. ``overrides`` go to :func:`build_encoder` (``r_total``,
+    ``schedule``, ``select_layer``, ``drop_cls``, ``seed``).
+    """
+    encoder = build_encoder(model, pretrained, device=device, dtype=dtype, **overrides)
+    if not encoder.merges:
+        return encoder
+    source = "thresholds"
+    if thresholds is None:
+        thresholds = _look_up(model, encoder)
+    if not isinstance(thresholds, Thresholds):
+        source = str(thresholds)
+        thresholds = Thresholds.load(Path(thresholds))
+    encoder.set_thresholds(thresholds, source)
+    return encoder
+
+
+def find_tower(model: nn.Module) -> TowerAdapter:
+    """The adapted vision tower of ``model``: the model itself, or a tower inside it (an
+    open_clip model's ``visual``, a VLM's ``vision_tower``, a dual encoder's
+    ``vision_model``, a classifier's ``vit``), searched two levels deep."""
+    classes = adapter_classes()
+    level = [model]
+    for _ in range(3):
+        for module in level:
+            for cls in classes:
+                if cls.supports(module):
+                    return cls(module)
+        level = [
+            child
+            for module in level
+            for attr in _TOWER_ATTRIBUTES
+            if isinstance(child := getattr(module, attr, None), nn.Module)
+        ]
+    families = "; ".join(cls.family for cls in classes)
+    raise DyMUError(
+        f"found no vision tower dymu can read in {type(model).__module__}."
+        f"{type(model).__name__}; supported towers: {families}"
+    )
+
+
+def _resolve(model: ModelSource, pretrained: str | None, seed: int, dtype, device) -> _Source:
+    folder = not isinstance(model, nn.Module) and Path(os.fspath(model)).is_dir()
+    if pretrained is not None and (folder or isinstance(model, nn.Module)):
+        raise DyMUError(
+            "pretrained= names open_clip weights for a dymu name; a folder or a model "
+            "instance brings its own weights"
+        )
+    if isinstance(model, nn.Module):
+        tower = find_tower(model)
+        return _Source(tower, _instance_name(tower.module), "unknown", None)
+    text = os.fspath(model)
+    if folder:
+        from .hf_folder import load_vision_tower
+
+        module, stats = load_vision_tower(text, dtype)
+        tower = find_tower(module)
+        return _Source(tower, text, "local", tower.preprocess(**stats))
+    if "-tome" not in text and (os.sep in text or text.startswith(".")):
+        raise DyMUError(f"model folder not found: {text}")
+    return _from_name(text, pretrained, seed, device)
+
+
+def _from_name(name: str, pretrained: str | None, seed: int, device) -> _Source:
     spec = resolve_name(name)
     pretrained = normalize_pretrained(pretrained)
     with torch.random.fork_rng(devices=[]):
@@ -59,52 +180,35 @@ def build_encoder(
                 f"cannot load weights {pretrained!r} for {spec.base}: {_first_line(exc)}. "
                 "Pass a local checkpoint path, or 'none' for random weights"
             ) from None
-    schedule = spec.schedule if schedule is None else schedule
-    r = make_schedule(spec.r_total if r_total is None else r_total, spec.num_blocks, schedule)
-    encoder = DyMUEncoder(
-        adapt(model.visual), r, select_layer=select_layer, drop_cls=drop_cls, name=name
-    )
-    encoder.preprocess = preprocess
-    encoder.pretrained = pretrained or "none"
-    if isinstance(schedule, str):
-        encoder.schedule_name = schedule
-    return encoder.to(device=device, dtype=dtype).eval()
+    tower = find_tower(model.visual)
+    return _Source(tower, name, pretrained or "none", preprocess, spec.r_total, spec.schedule)
 
 
-def load_encoder(
-    name: str,
-    pretrained: str | None = None,
-    thresholds: str | os.PathLike | Thresholds | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    **overrides,
-) -> DyMUEncoder:
-    """A ready-to-use DyMU encoder for a name such as ``'ViT-L-14-336-tome'``.
+def _look_up(model: ModelSource, encoder: DyMUEncoder) -> Path:
+    """The thresholds file for a dymu name (shipped folder, then ``$DYMU_THRESHOLDS``)."""
+    name = encoder.name
+    if isinstance(model, nn.Module) or Path(os.fspath(model)).is_dir():
+        raise DyMUError(
+            f"no thresholds given for {name}: find them with `dymu-find-thresholds` "
+            "(--hf-model for a transformers folder) and pass them (--thresholds FILE, "
+            "thresholds=FILE in Python); r_total=0 encodes without merging"
+        )
+    found = find_threshold_file(name, encoder.pretrained)
+    if found is None:
+        folders = ", ".join(str(p) for p in search_paths())
+        raise DyMUError(
+            f"no thresholds for {name} (looked in {folders}). Find them with "
+            f"`dymu-find-thresholds --model {name} --data images.json`, convert published "
+            "ones, or pass thresholds=FILE; r_total=0 encodes without merging"
+        )
+    return found
 
-    ``thresholds`` is a file, a :class:`Thresholds` or ``None`` (look the name up in the
-    shipped ``thresholds/`` folder, then ``$DYMU_THRESHOLDS``). ``overrides`` go to
-    :func:`build_encoder` (``r_total``, ``schedule``, ``select_layer``, ``drop_cls``, ``seed``).
-    """
-    encoder = build_encoder(name, pretrained, device=device, dtype=dtype, **overrides)
-    if not encoder.merges:
-        return encoder
-    source = "thresholds"
-    if thresholds is None:
-        found = find_threshold_file(name, encoder.pretrained)
-        if found is None:
-            folders = ", ".join(str(p) for p in search_paths())
-            raise DyMUError(
-                f"no thresholds for {name} (looked in {folders}). Find them with "
-                f"`dymu-find-thresholds --model {name} --data images.json`, convert published "
-                "ones, or pass thresholds=FILE; r_total=0 encodes without merging"
-            )
-        thresholds = found
-    if not isinstance(thresholds, Thresholds):
-        source = str(thresholds)
-        thresholds = Thresholds.load(Path(thresholds))
-    thresholds.check_model(name, resolve_name(name).base, encoder.tower.num_blocks, source)
-    encoder.set_thresholds(thresholds)
-    return encoder
+
+def _instance_name(module: nn.Module) -> str:
+    """How threshold files and messages name a tower given as an instance."""
+    config = getattr(module, "config", None)
+    path = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")
+    return f"{type(module).__name__} {path}".strip()
 
 
 def _first_line(exc: BaseException) -> str:

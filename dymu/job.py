@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +22,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from . import __version__
-from .calibrate import RunningThresholds
+from .adapters.base import Inputs
+from .calibrate import CalibrationState, TokenStats, calibrate_batches, thresholds_from
 from .data import Batch, ImageStream, iterate_batches, open_source
+from .encoder import DyMUEncoder
 from .errors import DyMUError
 from .factory import build_encoder
 from .thresholds import Thresholds, atomic_save
@@ -44,6 +45,8 @@ _RESUME_KEYS = (
     "shuffle_seed",
     "dtype",
     "world_size",
+    "tower_arch",
+    "tower_weights",
 )
 
 
@@ -54,6 +57,7 @@ class CalibrationConfig:
     data: str
     model: str = "ViT-L-14-336-tome"
     pretrained: str | None = "openai"
+    hf_model: str | None = None  # a local transformers folder instead of a dymu name
     out: str | None = None
     r_total: int | None = None
     schedule: str | list[int] | None = None
@@ -70,28 +74,11 @@ class CalibrationConfig:
 
     @property
     def out_path(self) -> Path:
-        return Path(self.out or f"{self.model}.safetensors")
-
-
-@dataclass
-class TokenStats:
-    """Running mean/min/max of tokens per image (flat memory, however many images)."""
-
-    total: int = 0
-    images: int = 0
-    low: int = 1 << 62
-    high: int = 0
-
-    def add(self, lengths: torch.Tensor) -> None:
-        values = lengths.tolist()
-        self.total += sum(values)
-        self.images += len(values)
-        self.low = min([self.low, *values])
-        self.high = max([self.high, *values])
-
-    @property
-    def mean(self) -> float:
-        return self.total / max(self.images, 1)
+        if self.out:
+            return Path(self.out)
+        if self.hf_model:
+            return Path(f"{Path(self.hf_model).name}-tome.safetensors")
+        return Path(f"{self.model}.safetensors")
 
 
 @dataclass
@@ -105,8 +92,7 @@ class CalibrationResult:
 
 @dataclass
 class _State:
-    stats: RunningThresholds
-    tokens: TokenStats
+    calibration: CalibrationState
     skipped: list[dict]
     next_batch: int = 0
 
@@ -115,11 +101,14 @@ def run_calibration(
     cfg: CalibrationConfig,
     on_batch: Callable[[Batch, TokenStats], None] | None = None,
     on_start: Callable[[int | None], None] | None = None,
+    encoder: DyMUEncoder | None = None,
 ) -> CalibrationResult:
     """Find thresholds as configured; only rank 0 writes files. Ctrl-C leaves a checkpoint.
 
-    ``on_start(total)`` runs once the data and model are ready (``total``: images this
-    process will see, when known); ``on_batch`` after every batch.
+    ``encoder`` is any encoder (e.g. ``dymu.build_encoder(model_instance)``); without one it
+    is built from ``cfg.hf_model`` or ``cfg.model``. ``on_start(total)`` runs once the data
+    and model are ready (``total``: images this process will see, when known); ``on_batch``
+    after every batch.
     """
     if cfg.batch_size < 1:
         raise DyMUError("--batch-size must be at least 1")
@@ -128,7 +117,7 @@ def run_calibration(
     device = _device(cfg.device)
     rank, world, owned = _init_distributed(device)
     try:
-        return _run(cfg, device, rank, world, on_batch, on_start)
+        return _run(cfg, device, rank, world, on_batch, on_start, encoder)
     finally:
         if owned:  # every rank leaves together, after rank 0 has written its files
             dist.destroy_process_group()
@@ -141,30 +130,22 @@ def _run(
     world: int,
     on_batch: Callable[[Batch, TokenStats], None] | None,
     on_start: Callable[[int | None], None] | None,
+    encoder: DyMUEncoder | None,
 ) -> CalibrationResult:
     source = open_source(cfg.data, cfg.image_root)
-    encoder = build_encoder(
-        cfg.model,
-        cfg.pretrained,
-        device=device,
-        dtype=DTYPES[cfg.dtype],
-        r_total=cfg.r_total,
-        schedule=cfg.schedule,
-    )
-    num_blocks = encoder.tower.num_blocks
-    identity = {
-        "model": cfg.model,
-        "pretrained": encoder.pretrained,
-        "data": cfg.data,
-        "batch_size": str(cfg.batch_size),
-        "r": ",".join(map(str, encoder.r)),
-        "max_images": str(cfg.max_images),
-        "shuffle_seed": str(cfg.shuffle_seed),
-        "dtype": cfg.dtype,
-        "world_size": str(world),
-    }
+    if encoder is None:
+        encoder = build_encoder(
+            cfg.hf_model or cfg.model,
+            None if cfg.hf_model else cfg.pretrained,
+            device=device,
+            dtype=DTYPES[cfg.dtype],
+            r_total=cfg.r_total,
+            schedule=cfg.schedule,
+        )
+    identity = _run_identity(cfg, encoder, world)
     partial = _partial_path(cfg.out_path, rank, world)
-    state = _State(RunningThresholds(num_blocks, device), TokenStats(), [])
+    param = next(encoder.parameters())
+    state = _State(CalibrationState(encoder.tower.num_blocks, param.device), [])
     if partial.exists() and not cfg.resume:
         raise DyMUError(
             f"{partial} holds an interrupted run: pass --resume to continue it, "
@@ -181,44 +162,36 @@ def _run(
     stream = ImageStream(source, encoder.preprocess, keep, cfg.max_images, cfg.shuffle_seed)
     if on_start is not None:
         on_start(_expected_images(source, cfg, state.next_batch, rank, world))
-    start, done = time.perf_counter(), 0
+    start = time.perf_counter()
+
+    def batches() -> Iterator[Inputs]:
+        """This process's batches; the code after ``yield`` runs once a batch is counted."""
+        for done, batch in enumerate(iterate_batches(stream, cfg.batch_size, cfg.num_workers), 1):
+            for item in batch.skipped:
+                if cfg.strict:
+                    raise DyMUError(f"bad image {item.key}: {item.reason} (--strict)")
+                state.skipped.append({"index": item.index, "key": item.key, "reason": item.reason})
+            if batch.pixels is not None:
+                yield batch.pixels
+            state.next_batch = batch.index + 1
+            if on_batch is not None:
+                on_batch(batch, state.calibration.tokens)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+                _save_partial(partial, state, identity)
+
     try:
-        with torch.inference_mode():
-            for batch in iterate_batches(stream, cfg.batch_size, cfg.num_workers):
-                for item in batch.skipped:
-                    if cfg.strict:
-                        raise DyMUError(f"bad image {item.key}: {item.reason} (--strict)")
-                    state.skipped.append(
-                        {"index": item.index, "key": item.key, "reason": item.reason}
-                    )
-                if batch.pixels is not None:
-                    out, values, used = encoder.calibrate(batch.pixels)
-                    state.stats.add(values, used, batch.size)
-                    state.tokens.add(out.lengths)
-                state.next_batch = batch.index + 1
-                done += 1
-                if on_batch is not None:
-                    on_batch(batch, state.tokens)
-                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                    _save_partial(partial, state, identity)
+        calibrate_batches(encoder, batches(), encoder.r, state.calibration)
     except KeyboardInterrupt:
         _save_partial(partial, state, identity)
         raise
-    stats, tokens, skipped = _reduce(state, world)
+    skipped = _reduce(state, world)
+    tokens = state.calibration.tokens
     if tokens.images == 0:
         example = f"; first: {skipped[0]['key']}: {skipped[0]['reason']}" if skipped else ""
         raise DyMUError(f"no usable images in {cfg.data} ({len(skipped)} skipped{example})")
-    meta = {
-        "model": cfg.model,
-        "pretrained": encoder.pretrained,
-        "r_total": str(sum(encoder.r)),
-        "schedule": encoder.schedule_name,
-        "batch_size": str(cfg.batch_size),
-        "images": str(tokens.images),
-        "dymu_version": __version__,
-        "dtype": cfg.dtype,
-    }
-    result = Thresholds(stats.sum.cpu(), stats.count.cpu(), torch.tensor(encoder.r), meta)
+    result = thresholds_from(
+        state.calibration, encoder, encoder.r, encoder.schedule_name, cfg.batch_size
+    )
     if rank == 0:
         result.save(cfg.out_path)
         _write_skipped(cfg.out_path, skipped)
@@ -228,6 +201,24 @@ def _run(
     return CalibrationResult(
         result, tokens, skipped, time.perf_counter() - start, encoder.tower.num_tokens
     )
+
+
+def _run_identity(cfg: CalibrationConfig, encoder: DyMUEncoder, world: int) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one (``_RESUME_KEYS``)."""
+    tower = encoder.identity
+    return {
+        "model": encoder.name,
+        "pretrained": encoder.pretrained,
+        "data": cfg.data,
+        "batch_size": str(cfg.batch_size),
+        "r": ",".join(map(str, encoder.r)),
+        "max_images": str(cfg.max_images),
+        "shuffle_seed": str(cfg.shuffle_seed),
+        "dtype": cfg.dtype,
+        "world_size": str(world),
+        "tower_arch": tower.architecture,
+        "tower_weights": tower.fingerprint,
+    }
 
 
 def _expected_images(
@@ -275,14 +266,15 @@ def _partial_path(out: Path, rank: int, world: int) -> Path:
 
 
 def _save_partial(path: Path, state: _State, identity: dict[str, str]) -> None:
+    calibration = state.calibration
     meta = dict(
         identity,
         format=PARTIAL_FORMAT,
         next_batch=str(state.next_batch),
-        tokens=json.dumps(asdict(state.tokens)),
+        tokens=json.dumps(asdict(calibration.tokens)),
         skipped=json.dumps(state.skipped),
     )
-    tensors = {"sum": state.stats.sum.cpu(), "count": state.stats.count.cpu()}
+    tensors = {"sum": calibration.sum.cpu(), "count": calibration.count.cpu()}
     atomic_save(tensors, path, meta)
 
 
@@ -300,31 +292,33 @@ def _load_partial(path: Path, state: _State, identity: dict[str, str]) -> None:
             raise DyMUError(
                 f"cannot resume from {path}: {key} was {meta.get(key)!r}, now {identity[key]!r}"
             )
-    state.stats.sum += tensors["sum"].to(state.stats.sum.device)
-    state.stats.count += tensors["count"].to(state.stats.count.device)
-    state.tokens = TokenStats(**json.loads(meta["tokens"]))
+    calibration = state.calibration
+    calibration.sum += tensors["sum"].to(calibration.sum.device)
+    calibration.count += tensors["count"].to(calibration.count.device)
+    calibration.tokens = TokenStats(**json.loads(meta["tokens"]))
     state.skipped = json.loads(meta["skipped"])
     state.next_batch = int(meta["next_batch"])
 
 
-def _reduce(state: _State, world: int) -> tuple[RunningThresholds, TokenStats, list[dict]]:
-    """Add up every rank's statistics (once, at the end)."""
-    stats, tokens, skipped = state.stats, state.tokens, state.skipped
+def _reduce(state: _State, world: int) -> list[dict]:
+    """Add up every rank's statistics into ``state`` (once, at the end); all skipped images."""
+    calibration, skipped = state.calibration, state.skipped
     if world == 1:
-        return stats, tokens, sorted(skipped, key=lambda s: s["index"])
-    device = stats.sum.device
-    dist.all_reduce(stats.sum)
-    dist.all_reduce(stats.count)
+        return sorted(skipped, key=lambda s: s["index"])
+    tokens = calibration.tokens
+    device = calibration.sum.device
+    dist.all_reduce(calibration.sum)
+    dist.all_reduce(calibration.count)
     counts = torch.tensor([tokens.total, tokens.images], device=device)
     dist.all_reduce(counts)
     low = torch.tensor([tokens.low], device=device)
     high = torch.tensor([tokens.high], device=device)
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    tokens = TokenStats(int(counts[0]), int(counts[1]), int(low), int(high))
+    calibration.tokens = TokenStats(int(counts[0]), int(counts[1]), int(low), int(high))
     gathered: list[list[dict]] = [[] for _ in range(world)]
     dist.all_gather_object(gathered, skipped)
-    return stats, tokens, sorted((s for part in gathered for s in part), key=lambda s: s["index"])
+    return sorted((s for part in gathered for s in part), key=lambda s: s["index"])
 
 
 def _write_skipped(out: Path, skipped: list[dict]) -> None:

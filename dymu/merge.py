@@ -21,12 +21,14 @@ NEG_INF = float("-inf")
 
 
 def bipartite_scores(
-    metric: torch.Tensor, lengths: torch.Tensor, protected: int
+    metric: torch.Tensor, lengths: torch.Tensor, num_prefix: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best B partner of every A token and its cosine score.
 
     ``metric`` is ``(B, N, C)`` (unnormalised keys), ``lengths`` ``(B,)``. The first
-    ``protected`` A tokens (the class token) and padding never match: their score is -inf.
+    ``num_prefix`` positions are prefix tokens (class, registers, distillation): one that
+    falls in A is never a source (its score is -inf), one that falls in B is never a
+    destination (its column is -inf). Padding never matches either.
     Returns ``node_max (B, ceil(N/2))`` float32 and ``node_idx`` (index into the B tokens).
     Scores are computed in float32 and rounded to ``metric``'s dtype, the precision the
     reference compares in (an fp16 tower sees fp16 scores and fp16 thresholds).
@@ -38,32 +40,21 @@ def bipartite_scores(
     dev = metric.device
     pos_a = torch.arange(0, n, 2, device=dev)
     pos_b = torch.arange(1, n, 2, device=dev)
-    valid_b = pos_b[None, :] < lengths[:, None]
+    valid_b = (pos_b[None, :] < lengths[:, None]) & (pos_b[None, :] >= num_prefix)
     scores = scores.masked_fill(~valid_b[:, None, :], NEG_INF)
     node_max, node_idx = scores.max(dim=-1)
     node_max = node_max.to(precision).float()
-    valid_a = (pos_a[None, :] < lengths[:, None]) & (pos_a[None, :] >= 2 * protected)
+    valid_a = (pos_a[None, :] < lengths[:, None]) & (pos_a[None, :] >= num_prefix)
     return node_max.masked_fill(~valid_a, NEG_INF), node_idx
 
 
-def threshold_rule(
-    node_max: torch.Tensor, tau: float, lengths: torch.Tensor, protected: int
-) -> torch.Tensor:
+def threshold_rule(node_max: torch.Tensor, tau: float) -> torch.Tensor:
     """Inference rule: merge every A token whose best score is strictly above ``tau``.
 
-    At most ``(n - protected) // 2`` merges per image (the best ones). With a protected class
-    token that cap can never bind (an image of n tokens has ``ceil(n/2) - 1`` candidate A
-    tokens), so the ranking is only computed for towers without one.
+    No cap (DESIGN section 3): with a class token a cap of ``(n - 1) // 2`` could never bind,
+    and towers without one follow the reference's batch path, which has none.
     """
-    merged = node_max > tau
-    if protected == 0:
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(
-            -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
-        )
-        merged &= rank < (lengths // 2)[:, None]
-    return merged
+    return node_max > tau
 
 
 def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +140,12 @@ class MergePlan:
         return (acc / new_sizes[:, None]).to(x.dtype), new_sizes
 
     def track(self, groups: torch.Tensor) -> torch.Tensor:
-        """Follow original tokens to their new slot: ``groups (B, N0)`` -> ``(B, N0)``."""
-        return self.dest.gather(1, groups)
+        """Follow original tokens to their new slot: ``groups (B, N0)`` -> ``(B, N0)``.
+
+        Entries of -1 (padded input patches, e.g. SigLIP2's variable patch counts) stay -1.
+        """
+        moved = self.dest.gather(1, groups.clamp(min=0))
+        return torch.where(groups < 0, groups, moved)
 
 
 def plan_merge(
@@ -158,21 +153,24 @@ def plan_merge(
     node_idx: torch.Tensor,
     lengths: torch.Tensor,
     n: int,
+    num_prefix: int = 0,
     reorder_all: bool = False,
 ) -> MergePlan | None:
     """Turn a merge decision over ``n`` current slots into new slots; ``None`` if nothing moves.
 
-    New order per image: ``[unmerged A tokens in order, all B tokens in order]``, padding
-    last. An image without merges keeps its order unless ``reorder_all`` (calibration, which
-    reorders every image at every merging block, as the published reference does).
+    New order per image: ``[prefix tokens, unmerged A tokens in order, other B tokens in
+    order]``, padding last. An image without merges keeps its order unless ``reorder_all``
+    (calibration, and inference on towers without prefix tokens: the reference's batch path).
     Reads the new lengths back to the host in one small transfer: the only sync per merging
     block, needed to size the shorter tensors.
     """
     dev = merged.device
     pos = torch.arange(n, device=dev)
     real = pos[None, :] < lengths[:, None]
-    real_a, real_b = real[:, ::2], real[:, 1::2]
-    keep_a = real_a & ~merged
+    # prefix tokens stay where they are; "movable" tokens are the real non-prefix ones
+    movable = real & (pos >= num_prefix)[None, :]
+    move_a, move_b = movable[:, ::2], movable[:, 1::2]
+    keep_a = move_a & ~merged
     n_keep = keep_a.sum(-1, keepdim=True)
     count = merged.sum(-1)
     new_lengths = lengths - count
@@ -180,11 +178,22 @@ def plan_merge(
     if any_merge == 0 and not reorder_all:
         return None
     length = max(host_lengths)
+    # Step by step, for one image:
+    # 1. prefix slots 0 .. num_prefix-1 keep their position;
+    # 2. kept A tokens follow, in position order: slot num_prefix + (rank among kept A);
+    # 3. B tokens after them: B index j (position 2j+1) is the (j - num_prefix // 2)-th
+    #    non-prefix B token (the first num_prefix // 2 B tokens are prefix tokens), so its
+    #    slot is first_b + j - num_prefix // 2;
+    # 4. a merged A token goes to the slot of its B partner (never a prefix B token);
+    # 5. padding goes to ``length``, one past the longest image's last slot.
+    first_b = num_prefix + n_keep
+    b_offset = first_b - num_prefix // 2
     dest = torch.empty_like(real, dtype=torch.long)
-    slot_a = torch.where(keep_a, keep_a.cumsum(-1) - 1, length)
-    dest[:, ::2] = torch.where(merged, n_keep + node_idx, slot_a)
-    b_index = torch.arange(real_b.shape[1], device=dev)[None, :]
-    dest[:, 1::2] = torch.where(real_b, n_keep + b_index, length)
+    slot_a = torch.where(keep_a, num_prefix + keep_a.cumsum(-1) - 1, length)
+    dest[:, ::2] = torch.where(merged, b_offset + node_idx, slot_a)
+    b_index = torch.arange(move_b.shape[1], device=dev)[None, :]
+    dest[:, 1::2] = torch.where(move_b, b_offset + b_index, length)
+    dest[:, :num_prefix] = pos[:num_prefix]
     if not reorder_all:
         identity = torch.where(real, pos[None, :], length)
         dest = torch.where((count > 0)[:, None], dest, identity)

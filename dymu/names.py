@@ -1,4 +1,8 @@
-"""Model names: ``<open_clip name>-tome[-<K>out][-linear|-reverse-linear]``, resolved here only."""
+"""Model names: ``<open_clip name>-tome[-<K>out][-linear|-reverse-linear]``, resolved here only.
+
+The open_clip name may be a CLIP ViT or a tower with a timm ViT trunk (SigLIP, SigLIP2).
+``K`` counts patch tokens, so ``r_total = patches - K`` whatever the prefix tokens.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 import open_clip
+import torch
 
 from .errors import DyMUError
 
@@ -22,6 +27,7 @@ class ModelSpec:
     num_patches: int
     r_total: int
     schedule: str
+    num_prefix_tokens: int = 1
 
 
 def resolve_name(name: str) -> ModelSpec:
@@ -41,16 +47,34 @@ def resolve_name(name: str) -> ModelSpec:
         )
     vision = cfg["vision_cfg"]
     if vision.get("timm_model_name"):
-        raise DyMUError(
-            f"{base!r} is a timm tower; dymu supports open_clip VisionTransformer towers"
-        )
-    image, patch = _pair(vision["image_size"]), _pair(vision["patch_size"])
-    num_patches = (image[0] // patch[0]) * (image[1] // patch[1])
+        num_blocks, num_patches, prefix = _timm_geometry(base, vision["timm_model_name"])
+    else:
+        image, patch = _pair(vision["image_size"]), _pair(vision["patch_size"])
+        num_patches = (image[0] // patch[0]) * (image[1] // patch[1])
+        num_blocks, prefix = int(vision["layers"]), 1
     keep = int(match["keep"]) if match["keep"] else num_patches // 3
     if not 0 < keep <= num_patches:
         raise DyMUError(f"{name!r} keeps {keep} tokens but {base} has {num_patches} patches")
     schedule = (match["sched"] or "-constant")[1:].replace("-", "_")
-    return ModelSpec(name, base, int(vision["layers"]), num_patches, num_patches - keep, schedule)
+    return ModelSpec(name, base, num_blocks, num_patches, num_patches - keep, schedule, prefix)
+
+
+def _timm_geometry(base: str, timm_name: str) -> tuple[int, int, int]:
+    """(blocks, patches, prefix tokens) of a timm trunk, built on the meta device (no memory,
+    no weights) so the name is checked before anything is loaded."""
+    try:
+        import timm
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        raise DyMUError(f"{base!r} has a timm tower: install timm (pip install timm)") from None
+    try:
+        with torch.device("meta"):
+            trunk = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    except Exception as exc:  # unknown to the installed timm, or bad arguments
+        raise DyMUError(f"cannot build {base!r}'s timm tower {timm_name!r}: {exc}") from None
+    if not isinstance(trunk, VisionTransformer):
+        raise DyMUError(f"{base!r} has a timm {type(trunk).__name__} tower; dymu merges ViT towers")
+    return len(trunk.blocks), trunk.patch_embed.num_patches, int(trunk.num_prefix_tokens)
 
 
 def _pair(v: int | list[int] | tuple[int, int]) -> tuple[int, int]:

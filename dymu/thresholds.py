@@ -157,18 +157,34 @@ class Thresholds:
         meta = dict(metadata, source=f"converted from {path.name}")
         return cls.from_values(values, torch.tensor(r), meta)
 
-    def check_model(
-        self, model: str, base: str, num_blocks: int, source: str = "thresholds"
+    def check_tower(
+        self, tower: TowerIdentity, num_blocks: int, source: str = "thresholds"
     ) -> None:
-        """Refuse thresholds made for another architecture, naming the mismatch."""
+        """Refuse thresholds made for another tower (shape or weights), naming both."""
+        made_for = self.metadata.get("tower") or self.metadata.get("model") or "an unknown model"
         if self.num_blocks != num_blocks:
             raise DyMUError(
-                f"{source} has {self.num_blocks} blocks but {model} has {num_blocks}"
-                f" (file made for {self.metadata.get('model', 'an unknown model')})"
+                f"{source} has {self.num_blocks} blocks but {tower.label} has {num_blocks}"
+                f" (file made for {made_for})"
             )
-        made_for = self.metadata.get("model")
-        if made_for and made_for.split("-tome")[0] != base:
-            raise DyMUError(f"{source} was made for {made_for}, not for {model} (base {base})")
+        mine = TowerIdentity.from_metadata(self.metadata)
+        if mine is None:  # a file without a tower record: compare dymu names, if both are
+            model = self.metadata.get("model", "")
+            base, other = model.split("-tome")[0], tower.label.split("-tome")[0]
+            if "-tome" in model and "-tome" in tower.label and base != other:
+                raise DyMUError(f"{source} was made for {model}, not for {tower.label}")
+            return
+        if mine.architecture != tower.architecture:
+            raise DyMUError(
+                f"{source} was made for {mine.label} ({mine.architecture}), "
+                f"not for {tower.label} ({tower.architecture})"
+            )
+        if not mine.same_weights(tower):
+            raise DyMUError(
+                f"{source} was made for {mine.label} with weights {mine.source!r}, not for "
+                f"{tower.label} with weights {tower.source!r} (weight fingerprints "
+                f"{mine.fingerprint} vs {tower.fingerprint})"
+            )
 
     def merge(self, other: Thresholds) -> Thresholds:
         """Add the statistics of a partial result made for the same model and schedule."""
@@ -176,11 +192,85 @@ class Thresholds:
             mine, theirs = self.metadata.get(key), other.metadata.get(key)
             if mine != theirs:
                 raise DyMUError(f"cannot merge thresholds: {key} differs ({mine!r} vs {theirs!r})")
+        mine, theirs = (TowerIdentity.from_metadata(t.metadata) for t in (self, other))
+        if (mine is None) != (theirs is None) or (
+            mine is not None
+            and (mine.architecture != theirs.architecture or not mine.same_weights(theirs))
+        ):
+            raise DyMUError("cannot merge thresholds: they were made for different towers")
         if not torch.equal(self.r, other.r):
             raise DyMUError("cannot merge thresholds: per-block r differs")
         meta = dict(self.metadata)
         meta["images"] = str(int(meta.get("images", 0)) + int(other.metadata.get("images", 0)))
         return Thresholds(self.sum + other.sum, self.count + other.count, self.r.clone(), meta)
+
+
+@dataclass(frozen=True)
+class TowerIdentity:
+    """Which tower thresholds fit: a label for messages, the tower's shape (family-neutral,
+    so open_clip's and transformers' copies of one CLIP agree) and a fingerprint of its
+    weights: mean and mean absolute value of the first output channels of the patch
+    embedding. Order-invariant within a channel (conv and linear patch layouts agree) and
+    tolerant of precision (fp32, fp16 and bf16 copies agree), while two different weight
+    sets differ by far more than the tolerance."""
+
+    label: str
+    architecture: str
+    weights: tuple[float, ...]
+    source: str = "unknown"  # where the weights came from (an open_clip tag, 'local', ...)
+
+    @classmethod
+    def of(
+        cls, label: str, architecture: str, patch_weight: torch.Tensor, source: str = "unknown"
+    ) -> TowerIdentity:
+        rows = patch_weight.detach()[:_FINGERPRINT_ROWS].reshape(
+            min(_FINGERPRINT_ROWS, patch_weight.shape[0]), -1
+        )
+        rows = rows.to(device="cpu", dtype=torch.float64)
+        stats = torch.stack([rows.mean(1), rows.abs().mean(1)], 1)
+        return cls(label, architecture, tuple(stats.flatten().tolist()), source)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> TowerIdentity | None:
+        if "tower_arch" not in metadata or "tower_weights" not in metadata:
+            return None
+        try:
+            weights = tuple(float(v) for v in metadata["tower_weights"].split(","))
+        except ValueError:
+            raise DyMUError(f"bad tower_weights {metadata['tower_weights']!r}") from None
+        label = metadata.get("tower", metadata.get("model", "?"))
+        return cls(label, metadata["tower_arch"], weights, metadata.get("pretrained", "unknown"))
+
+    @property
+    def fingerprint(self) -> str:
+        return ",".join(f"{v:.6g}" for v in self.weights)
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "tower": self.label,
+            "tower_arch": self.architecture,
+            "tower_weights": self.fingerprint,
+        }
+
+    def same_weights(self, other: TowerIdentity, tolerance: float = 0.02) -> bool:
+        """Equal fingerprints up to ``tolerance`` of each channel's mean absolute value."""
+        if len(self.weights) != len(other.weights):
+            return False
+        pairs = zip(
+            self.weights[0::2],
+            self.weights[1::2],
+            other.weights[0::2],
+            other.weights[1::2],
+            strict=True,
+        )
+        for mean_a, abs_a, mean_b, abs_b in pairs:
+            scale = tolerance * max(abs_a, abs_b)
+            if abs(mean_a - mean_b) > scale or abs(abs_a - abs_b) > scale:
+                return False
+        return True
+
+
+_FINGERPRINT_ROWS = 4
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict) -> None:

@@ -4,7 +4,7 @@ Two measurements, for one model with random (seeded) weights (``--pretrained non
 
 1. Throughput. Images/s of threshold finding (:func:`dymu.job.run_calibration`, what
    ``dymu-find-thresholds`` runs) against a plain open_clip forward
-   (``enc.tower.visual(pixels)`` under ``torch.inference_mode``) over the same stream: the
+   (``enc.tower.module(pixels)`` under ``torch.inference_mode``) over the same stream: the
    same source, ``ImageStream`` + ``iterate_batches`` with the same batch size and workers.
    Both clocks start when the stream starts (calibration: at ``on_start``, once its data and
    model are ready; its setup time is shown apart) and stop when the last batch is done.
@@ -27,6 +27,7 @@ Run from the repository root (about 2-3 minutes with the defaults on 2 CPU cores
 
     python scripts/bench_calibration.py
     python scripts/bench_calibration.py --images 32 --runs 2 --batch-size 4 --num-workers 2
+    python scripts/bench_calibration.py --quick   # a smoke run: what CI runs
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def time_plain(enc: dymu.DyMUEncoder, data: Path, args: argparse.Namespace) -> t
     with torch.inference_mode():
         for batch in iterate_batches(stream, args.batch_size, args.num_workers):
             if batch.pixels is not None:
-                enc.tower.visual(batch.pixels)
+                enc.tower.module(batch.pixels)
                 images += batch.size
     return time.perf_counter() - start, images
 
@@ -188,7 +189,7 @@ def bench_throughput(args: argparse.Namespace, data: Path, work: Path) -> tuple[
     warm = torch.stack([enc.preprocess(load_rgb(p)) for p in sorted(PHOTOS.glob("*.jpg"))])
     warm = warm[torch.arange(args.batch_size) % len(warm)]
     with torch.inference_mode():
-        enc.tower.visual(warm)
+        enc.tower.module(warm)
         enc.calibrate(warm)
     plain: list[float] = []
     calib: list[float] = []
@@ -317,6 +318,9 @@ def bench_memory(
 # ---------------------------------------------------------------------------------------
 
 
+QUICK = dict(images=8, runs=1, batch_size=4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16-tome-100out")
@@ -333,6 +337,9 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help=f"smoke run (what CI runs): {QUICK}")
+    if parser.parse_known_args()[0].quick:  # quick sizes as defaults; explicit flags still win
+        parser.set_defaults(**QUICK)
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
     if args.threads is not None:

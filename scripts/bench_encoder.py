@@ -1,10 +1,16 @@
-"""Benchmark DyMU encoders against vanilla open_clip towers, and check the speedup is real.
+"""Benchmark DyMU encoders against their vanilla towers, and check the speedup is real.
 
 For every model: build the encoder with random (seeded) weights, calibrate thresholds on the
-bundled photos (``examples/images.json``), then time the vanilla tower
-(``enc.tower.visual(pixels)``) and the merging encoder (``enc(pixels)``) interleaved in one
-run: warmup reps first, then vanilla/dymu reps alternating (the order flips every rep), and
-medians of each.
+bundled photos (``examples/images.json``), then time the vanilla tower (the unmodified
+module's own forward, ``enc.tower.module(pixels)``) and the merging encoder (``enc(pixels)``)
+interleaved in one run: warmup reps first, then vanilla/dymu reps alternating (the order
+rotates every rep), and medians of each.
+
+Models are dymu names (open_clip CLIP and SigLIP towers, e.g.
+``ViT-SO400M-14-SigLIP-384-tome-192out``) or transformers SigLIP towers built from the
+config of a published checkpoint, named ``hf-<shape>-tome-<K>out`` (shapes: see
+``HF_SIGLIP``; ``hf-siglip-so400m-14-384`` is google/siglip-so400m-patch14-384, the tower of
+LLaVA-OneVision).
 
 Batch 1 uses one photo: by default the one whose final dymu token count is the median over
 the bundled photos (``--b1-image`` picks another). Larger batches take the photos in list
@@ -25,6 +31,7 @@ Run from the repository root::
     python scripts/bench_encoder.py
     python scripts/bench_encoder.py --models ViT-B-16-tome-100out --batch-sizes 1 8 --reps 10
     python scripts/bench_encoder.py --threads 2 --plot bench.png
+    python scripts/bench_encoder.py --quick   # small models, one rep: what CI runs
 """
 
 from __future__ import annotations
@@ -40,12 +47,43 @@ from pathlib import Path
 import torch
 
 import dymu
-from dymu.data import load_rgb, read_image_list
+from dymu.data import load_rgb, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = ["ViT-B-16-tome-100out", "ViT-L-14-336-tome-72out"]
-# Default timed reps per model (ViT-L-14-336 at batch 8 takes ~10 s a forward on 2 cores).
+DEFAULT_MODELS = [
+    "ViT-B-16-tome-100out",
+    "ViT-L-14-336-tome-72out",
+    "ViT-SO400M-14-SigLIP-384-tome-192out",
+    "hf-siglip-so400m-14-384-tome-192out",
+]
+QUICK_MODELS = [
+    "ViT-B-16-tome-100out",
+    "ViT-B-16-SigLIP-tome-100out",
+    "hf-siglip-base-16-224-tome-100out",
+]
+# Default timed reps per model (ViT-L-14-336 at batch 8 takes ~10 s a forward on 2 cores,
+# SO400M at 384 px ~25 s).
 DEFAULT_REPS = {"ViT-B-16-tome-100out": 10, "ViT-L-14-336-tome-72out": 5}
+SO400M_REPS = 3
+# transformers SigLIP towers, shaped like published checkpoints (random weights)
+HF_SIGLIP = {
+    "hf-siglip-so400m-14-384": dict(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=14,
+    ),
+    "hf-siglip-base-16-224": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=16,
+    ),
+}
 TARGETS = {1: 0.85}  # batch size -> minimum speedup/bound ratio
 TARGET_OTHER = 0.75
 
@@ -81,14 +119,9 @@ class Row:
 
 def tower_dims(enc: dymu.DyMUEncoder) -> tuple[int, int, int, int]:
     """(width D, MLP width, tokens entering block 0, patch-embedding FLOPs per image)."""
-    visual = enc.tower.visual
-    block = visual.transformer.resblocks[0]
-    dim = block.attn.embed_dim
-    mlp_width = block.mlp.c_fc.out_features
-    n0 = enc.tower.num_tokens
-    conv = visual.conv1
-    patch_flops = 2 * (n0 - 1) * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * dim
-    return dim, mlp_width, n0, patch_flops
+    tower = enc.tower
+    patch_flops = 2 * tower.num_patches * 3 * tower.patch_size**2 * tower.width
+    return tower.width, tower.mlp_width, tower.num_tokens, patch_flops
 
 
 def block_flops(n_attn: float, n_mlp: float, dim: int, mlp_width: int) -> float:
@@ -136,11 +169,27 @@ def time_interleaved(
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def build(name: str) -> dymu.DyMUEncoder:
+    """A dymu name, or ``hf-<shape>-tome-<K>out``: a transformers SigLIP tower (random)."""
+    base, _, keep = name.partition("-tome-")
+    if base not in HF_SIGLIP:
+        return dymu.build_encoder(name, pretrained=None)
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(**HF_SIGLIP[base])
+    model = SiglipVisionModel(config).eval()
+    patches = (config.image_size // config.patch_size) ** 2
+    enc = dymu.build_encoder(model, r_total=patches - int(keep.removesuffix("out")))
+    enc.name = name
+    return enc
+
+
 def bench_model(
     name: str, data: Path, batch_sizes: list[int], reps: int, warmup: int, b1_image: int | None
 ) -> list[Row]:
-    enc = dymu.build_encoder(name, pretrained=None)
-    paths = read_image_list(data)
+    enc = build(name)
+    paths = list(open_source(str(data)).paths)
     pixels = torch.stack([enc.preprocess(load_rgb(p)) for p in paths])
     calib = [pixels[i : i + 4] for i in range(0, len(pixels), 4)]
     enc.set_thresholds(dymu.find_thresholds(enc, calib))
@@ -159,7 +208,7 @@ def bench_model(
 
         def run_vanilla(batch: torch.Tensor = batch) -> object:
             with torch.inference_mode():
-                return enc.tower.visual(batch)
+                return enc.tower.module(batch)
 
         def run_dymu(batch: torch.Tensor = batch) -> object:
             with torch.inference_mode():
@@ -193,7 +242,7 @@ def bench_model(
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'model':<24} {'batch':>5} {'vanilla ms':>11} {'dymu ms':>9} {'speedup':>8} "
+        f"{'model':<36} {'batch':>5} {'vanilla ms':>11} {'dymu ms':>9} {'speedup':>8} "
         f"{'no-merge ms':>11} {'vs no-merge':>11} "
         f"{'tokens':>7} {'bound':>6} {'pad bound':>9} {'ratio':>6} {'target':>6}  result"
     )
@@ -202,13 +251,13 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         result = "PASS" if r.ratio >= r.target else "MISS"
         print(
-            f"{r.model:<24} {r.batch:>5} {r.vanilla_ms:>11.1f} {r.dymu_ms:>9.1f} "
+            f"{r.model:<36} {r.batch:>5} {r.vanilla_ms:>11.1f} {r.dymu_ms:>9.1f} "
             f"{r.speedup:>7.2f}x {r.plain_ms:>11.1f} {r.merge_speedup:>10.2f}x "
             f"{r.final_tokens:>7.1f} {r.bound:>5.2f}x {r.pad_bound:>8.2f}x "
             f"{r.ratio:>6.2f} {r.target:>6.2f}  {result}"
         )
     print()
-    print("speedup = vanilla open_clip / dymu; 'vs no-merge' = dymu's own loop without merging /")
+    print("speedup = vanilla tower / dymu; 'vs no-merge' = dymu's own loop without merging /")
     print("dymu (the part of the gain that comes from merging, not from the attention kernel).")
     print("mean tokens per image after each block:")
     for r in rows:
@@ -240,14 +289,25 @@ def plot(rows: list[Row], path: str) -> None:
     print(f"plot written to {path}")
 
 
+def default_reps(name: str) -> int:
+    return SO400M_REPS if "so400m" in name.lower() else 5
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument(
-        "--reps", type=int, default=None, help="timed reps (default: 10 for B, 5 for L)"
+        "--models", nargs="+", default=None, help="default: " + " ".join(DEFAULT_MODELS)
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed reps first")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 8")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="timed reps (default: 10 for B, 5 for L, 3 SO400M)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed reps first (default 1)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (what CI runs): " + ", ".join(QUICK_MODELS) + "; batch 1 and 2, 1 rep",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--data", type=Path, default=ROOT / "examples" / "images.json")
     parser.add_argument(
@@ -258,11 +318,14 @@ def main() -> None:
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
+    batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
+    warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     rows = []
     start = time.perf_counter()
-    for name in args.models:
-        reps = args.reps if args.reps is not None else DEFAULT_REPS.get(name, 5)
-        rows += bench_model(name, args.data, args.batch_sizes, reps, args.warmup, args.b1_image)
+    for name in models:
+        reps = args.reps or (1 if args.quick else DEFAULT_REPS.get(name, default_reps(name)))
+        rows += bench_model(name, args.data, batch_sizes, reps, warmup, args.b1_image)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

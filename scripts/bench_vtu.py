@@ -37,6 +37,8 @@ the same time.
 
 ``--profile`` adds a ``torch.profiler`` table (self CPU time by op) of VTU and full prefills.
 
+``--quick`` is a small smoke run (what CI runs).
+
 Run from the repository root::
 
     python scripts/bench_vtu.py
@@ -57,6 +59,17 @@ import torch
 import dymu
 
 TARGET = 0.8
+QUICK = dict(
+    layers=2,
+    hidden=256,
+    vocab=1000,
+    image_tokens=144,
+    merged=36,
+    text_tokens=16,
+    reps=2,
+    warmup=1,
+    decode_reps=2,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,6 +90,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="torch.profiler table of prefills")
+    p.add_argument("--quick", action="store_true", help=f"smoke run (what CI runs): {QUICK}")
+    if p.parse_known_args()[0].quick:  # quick sizes as defaults; explicit flags still win
+        p.set_defaults(**QUICK)
     args = p.parse_args()
     if args.intermediate is None:
         args.intermediate = int(2.75 * args.hidden)

@@ -3,12 +3,17 @@ and real photos from scikit-image's bundled data."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+import towers  # noqa: E402,F401  (registers the tiny timm trunks the configs name)
 from PIL import Image
 
 TINY = "ViT-T-8-test"
@@ -82,3 +87,43 @@ def noise(size: int = 64, seed: int = 0) -> Image.Image:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+def run_cli(args, tmp_path, nproc=1):
+    """``dymu-find-thresholds ARGS`` in a subprocess (``nproc`` > 1: under torchrun)."""
+    exe = shutil.which("dymu-find-thresholds")
+    if nproc == 1:
+        cmd = [exe]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # torchrun picks a free port
+            "--nproc_per_node",
+            str(nproc),
+            exe,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        cmd + [str(a) for a in args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    # each rank's own error comes first in stderr, torchrun's summary last
+    assert proc.returncode == 0, proc.stderr[:6000]
+    return proc
+
+
+def interrupt_after(count: int, seen: list[int]):
+    """An ``on_batch`` callback that records batch numbers and presses Ctrl-C after ``count``."""
+
+    def on_batch(batch, tokens) -> None:
+        seen.append(batch.index)
+        if len(seen) == count:
+            raise KeyboardInterrupt
+
+    return on_batch

@@ -16,13 +16,13 @@ def unit(deg: float) -> list[float]:
 def test_scores_cls_padding_and_best_partner():
     # positions 0..5: A = 0,2,4 ; B = 1,3,5. Position 0 is the class token.
     metric = torch.tensor([[unit(0), unit(0), unit(90), unit(80), unit(10), unit(180)]]) * 3.0
-    node_max, node_idx = bipartite_scores(metric, torch.tensor([6]), protected=1)
+    node_max, node_idx = bipartite_scores(metric, torch.tensor([6]), num_prefix=1)
     assert node_max[0, 0] == -INF  # class token never a source, even with an identical B
     # A1 (90 deg) is closest to B1 (80 deg): cos 10 deg; A2 (10 deg) to B0 (0 deg): cos 10 deg
     assert node_idx[0].tolist()[1:] == [1, 0]
     assert torch.allclose(node_max[0, 1:], torch.tensor([math.cos(math.radians(10))] * 2))
     # with length 5, B2 (position 5) is padding and A2 can no longer use it; A with length 3
-    node_max, node_idx = bipartite_scores(metric, torch.tensor([3]), protected=1)
+    node_max, node_idx = bipartite_scores(metric, torch.tensor([3]), num_prefix=1)
     assert node_max[0].tolist()[2] == -INF  # position 4 is padding
     assert node_idx[0, 1] == 0  # only B0 (position 1) is real: cos 90 deg = 0
     assert abs(node_max[0, 1].item()) < 1e-6
@@ -30,7 +30,7 @@ def test_scores_cls_padding_and_best_partner():
 
 def test_threshold_rule_is_strict():
     node_max = torch.tensor([[-INF, 0.5, 0.7, 0.2]])
-    merged = threshold_rule(node_max, 0.5, torch.tensor([8]), protected=1)
+    merged = threshold_rule(node_max, 0.5)
     assert merged.tolist() == [[False, False, True, False]]
 
 
@@ -40,21 +40,25 @@ def test_scores_are_compared_in_the_towers_precision():
     a, b = metric[0, 2].double(), metric[0, 3].double()
     exact = float(a @ b / (a.norm() * b.norm()))
     assert 0.9 < exact < 0.90005  # above 0.9, but fp16 rounds it to 0.89990234375
-    node_max, _ = bipartite_scores(metric, torch.tensor([4]), protected=1)
+    node_max, _ = bipartite_scores(metric, torch.tensor([4]), num_prefix=1)
     assert node_max[0, 1].item() == float(torch.tensor(exact).half()) == 0.89990234375
-    fp32_max, _ = bipartite_scores(metric.float(), torch.tensor([4]), protected=1)
+    fp32_max, _ = bipartite_scores(metric.float(), torch.tensor([4]), num_prefix=1)
     assert abs(fp32_max[0, 1].item() - exact) < 1e-6
     tau = 0.9  # an fp16 tower holds it as 0.89990234375: a tie, and ties never merge
     tau16 = float(torch.tensor(tau).half())
-    assert not threshold_rule(node_max, tau16, torch.tensor([4]), protected=1)[0, 1]
-    assert threshold_rule(fp32_max, tau, torch.tensor([4]), protected=1)[0, 1]
+    assert not threshold_rule(node_max, tau16)[0, 1]
+    assert threshold_rule(fp32_max, tau)[0, 1]
 
 
-def test_threshold_rule_cap_without_class_token():
-    # 5 tokens, no class token: at most 5 // 2 = 2 merges, the best two
+def test_threshold_rule_has_no_cap_without_prefix_tokens():
+    # 5 tokens, no prefix token: DESIGN 3 has no cap, so all three A tokens may merge into
+    # the two B tokens (the reference's batch path), leaving 2 tokens
     node_max = torch.tensor([[0.9, 0.95, 0.91]])
-    merged = threshold_rule(node_max, 0.1, torch.tensor([5]), protected=0)
-    assert merged.tolist() == [[False, True, True]]
+    assert threshold_rule(node_max, 0.1).tolist() == [[True, True, True]]
+    plan = plan_merge(
+        threshold_rule(node_max, 0.1), torch.tensor([[0, 1, 1]]), torch.tensor([5]), 5
+    )
+    assert plan.host_lengths == (2,)
 
 
 def test_batch_rule_ranks_across_the_batch_with_stable_ties():
@@ -122,3 +126,37 @@ def test_merge_pads_and_keeps_unmerged_images_in_order():
 def test_nothing_merged_is_no_plan():
     merged = torch.zeros(1, 3, dtype=torch.bool)
     assert plan_merge(merged, torch.zeros(1, 3, dtype=torch.long), torch.tensor([5]), 5) is None
+
+
+def test_prefix_tokens_are_never_sources_destinations_or_moved():
+    # 11 tokens, 5 prefix (a class token and 4 registers): positions 0-4. A = 0,2,4,6,8,10 ;
+    # B = 1,3,5,7,9. Every token has the same key, so without the prefix rule everything
+    # would match everything at cosine 1.
+    metric = torch.ones(1, 11, 2)
+    lengths = torch.tensor([11])
+    node_max, node_idx = bipartite_scores(metric, lengths, num_prefix=5)
+    assert node_max[0, :3].tolist() == [-INF] * 3  # prefix A tokens (0, 2, 4): never sources
+    assert torch.allclose(node_max[0, 3:], torch.ones(3))
+    assert node_idx[0, 3:].tolist() == [2, 2, 2]  # the first non-prefix B token (position 5)
+    # the calibration cap counts mergeable tokens only: (11 - 5) // 2 = 3 per image
+    merged, _ = batch_rule(node_max, 1 * min(100, (11 - 5) // 2))
+    assert merged[0].tolist() == [False, False, False, True, True, True]
+    plan = plan_merge(merged, node_idx, lengths, 11, num_prefix=5)
+    assert plan.host_lengths == (8,)
+    # prefix slots 0-4 unchanged; no A token kept; B positions 5, 7, 9 -> slots 5, 6, 7;
+    # A positions 6, 8, 10 join position 5's slot
+    groups = plan.track(torch.arange(11)[None])
+    assert groups[0].tolist() == [0, 1, 2, 3, 4, 5, 5, 6, 5, 7, 5]
+    x = torch.arange(11, dtype=torch.float32)[:, None]
+    before, after = Packing.from_lengths([11], x.device), Packing.from_lengths([8], x.device)
+    out, sizes = plan.merge(x, None, before, after)
+    assert out[:, 0].tolist() == [0, 1, 2, 3, 4, (5 + 6 + 8 + 10) / 4, 7, 9]
+    assert sizes.tolist() == [1, 1, 1, 1, 1, 4, 1, 1]
+
+
+def test_padded_input_patches_keep_group_minus_one():
+    # an image with 4 real tokens in a row of 6 (a padded SigLIP2 batch): -1 stays -1
+    merged = torch.tensor([[False, True, False]])
+    plan = plan_merge(merged, torch.tensor([[0, 0, 0]]), torch.tensor([4]), 6, reorder_all=True)
+    groups = plan.track(torch.tensor([[0, 1, 2, 3, -1, -1]]))
+    assert groups[0].tolist() == [0, 1, 1, 2, -1, -1]

@@ -3,16 +3,13 @@
 import io
 import json
 import os
-import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, PHOTOS, TINY
+from conftest import CONFIGS, PHOTOS, TINY, interrupt_after, run_cli
 from PIL import Image
 
 import dymu
@@ -187,12 +184,7 @@ def test_strict_stops_at_the_first_bad_image(messy, tmp_path, capsys):
 def test_interrupt_and_resume_gives_identical_thresholds(sources, tmp_path):
     full = run_calibration(config(sources["json"], tmp_path / "full.safetensors", batch_size=2))
     out = tmp_path / "t.safetensors"
-    seen = []
-
-    def stop_after_three(batch, tokens):
-        seen.append(batch.index)
-        if len(seen) == 3:
-            raise KeyboardInterrupt
+    stop_after_three = interrupt_after(3, [])
 
     with pytest.raises(KeyboardInterrupt):
         run_calibration(
@@ -215,34 +207,6 @@ def test_interrupt_and_resume_gives_identical_thresholds(sources, tmp_path):
     assert res.tokens == full.tokens and not Path(f"{out}.partial").exists()
 
 
-def _cli(args, tmp_path, nproc=1):
-    exe = shutil.which("dymu-find-thresholds")
-    if nproc == 1:
-        cmd = [exe]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",  # torchrun picks a free port
-            "--nproc_per_node",
-            str(nproc),
-            exe,
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(
-        cmd + [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    # each rank's own error comes first in stderr, torchrun's summary last
-    assert proc.returncode == 0, proc.stderr[:6000]
-    return proc
-
-
 def test_torchrun_two_processes_equal_one(messy, tmp_path):
     root, _ = messy
     common = [
@@ -259,8 +223,8 @@ def test_torchrun_two_processes_equal_one(messy, tmp_path):
         "--model-config",
         CONFIGS,
     ]
-    _cli([*common, "--out", tmp_path / "one.safetensors"], tmp_path)
-    proc = _cli([*common, "--out", tmp_path / "two.safetensors"], tmp_path, nproc=2)
+    run_cli([*common, "--out", tmp_path / "one.safetensors"], tmp_path)
+    proc = run_cli([*common, "--out", tmp_path / "two.safetensors"], tmp_path, nproc=2)
     one = Thresholds.load(tmp_path / "one.safetensors")
     two = Thresholds.load(tmp_path / "two.safetensors")
     assert torch.equal(one.count, two.count) and one.count[0] == 6  # every batch has a good image

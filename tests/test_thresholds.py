@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from dymu import DyMUError, Thresholds, make_schedule
+from dymu.thresholds import TowerIdentity
 
 META = {
     "model": "ViT-B-16-tome",
@@ -83,12 +84,47 @@ def test_validation_errors_name_the_problem(tmp_path):
     assert th.merging_blocks() == [None, None]
 
 
-def test_check_model_names_the_mismatch():
-    th = make()
+def identity(label: str, weight: torch.Tensor, arch: str = "4 blocks") -> TowerIdentity:
+    return TowerIdentity.of(label, arch, weight, "openai")
+
+
+def test_check_tower_names_the_mismatch():
+    th = make()  # a file without a tower record: dymu names are compared
     with pytest.raises(DyMUError, match="has 4 blocks but ViT-B-16-tome has 12"):
-        th.check_model("ViT-B-16-tome", "ViT-B-16", 12)
+        th.check_tower(identity("ViT-B-16-tome", torch.ones(2, 3)), 12)
     with pytest.raises(DyMUError, match="made for ViT-B-16-tome, not for ViT-B-32-tome"):
-        th.check_model("ViT-B-32-tome", "ViT-B-32", 4)
+        th.check_tower(identity("ViT-B-32-tome", torch.ones(2, 3)), 4)
+    th.check_tower(identity("some-folder", torch.ones(2, 3)), 4)  # not a dymu name: no record
+
+
+def test_tower_record_refuses_another_tower_naming_both():
+    weight = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    made = identity("siglip-folder", weight, "4 blocks, width 8")
+    th = make()
+    th.metadata.update(made.metadata())
+    th.check_tower(made, 4)  # the same tower
+    other_arch = identity("clip-folder", weight, "4 blocks, width 16")
+    with pytest.raises(DyMUError, match="made for siglip-folder .*not for clip-folder"):
+        th.check_tower(other_arch, 4)
+    reseeded = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(DyMUError, match="made for siglip-folder .*not for clip-folder"):
+        th.check_tower(identity("clip-folder", reseeded, "4 blocks, width 8"), 4)
+
+
+def test_weights_fingerprint_survives_precision_and_patch_layout():
+    weight = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(0))
+    base = identity("a", weight)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert base.same_weights(identity("b", weight.to(dtype)))
+    # SigLIP2 stores the same patch embedding as a linear layer over (p, p, C) patches
+    linear = weight.permute(0, 2, 3, 1).reshape(8, -1)
+    assert base.same_weights(identity("c", linear))
+    for seed in range(1, 20):
+        other = torch.randn(8, 3, 14, 14, generator=torch.Generator().manual_seed(seed))
+        assert not base.same_weights(identity("d", other))
+    # the record survives a save and load
+    restored = TowerIdentity.from_metadata({**base.metadata(), "pretrained": "openai"})
+    assert restored.same_weights(base) and restored.architecture == base.architecture
 
 
 def test_schedules():

@@ -1,24 +1,63 @@
-"""Vision-tower adapters: how to read embeddings, q/k/v, MLPs and the head of one tower family."""
+"""Vision-tower adapters, registered in one place.
+
+``ADAPTERS`` lists every adapter as ``module:Class``; :func:`adapt` asks each in order whether
+it ``supports`` a module. An adapter file imports its own library (timm, transformers); when
+that library is not installed the adapter is left out, since no module of that library can
+exist. A new tower family is one new file plus one line here.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from torch import nn
 
 from ..errors import DyMUError
 from .base import TowerAdapter
-from .hf_clip import HFCLIPTower
-from .open_clip import OpenCLIPTower
 
-__all__ = ["HFCLIPTower", "OpenCLIPTower", "TowerAdapter", "adapt"]
+ADAPTERS = (
+    "open_clip:OpenCLIPTower",
+    "timm_vit:TimmViTTower",
+    "hf_clip:HFCLIPTower",
+    "hf_siglip:HFSiglipTower",
+    "hf_siglip:HFSiglip2Tower",
+    "hf_vit:HFViTTower",
+)
+
+__all__ = ["ADAPTERS", "TowerAdapter", "adapt", "adapter_classes"]
+
+
+def _load(entry: str) -> type[TowerAdapter] | None:
+    module, name = entry.split(":")
+    try:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    except ImportError:  # the tower's library is not installed
+        return None
+
+
+def adapter_classes() -> list[type[TowerAdapter]]:
+    """The registered adapters whose libraries are installed, in registry order."""
+    return [cls for cls in map(_load, ADAPTERS) if cls is not None]
 
 
 def adapt(tower: nn.Module) -> TowerAdapter:
-    """Pick the adapter for a vision tower instance."""
-    if OpenCLIPTower.supports(tower):
-        return OpenCLIPTower(tower)
-    if HFCLIPTower.supports(tower):
-        return HFCLIPTower(tower)
+    """The adapter for a vision tower instance (a clear error when none serves it)."""
+    classes = adapter_classes()
+    for cls in classes:
+        if cls.supports(tower):
+            return cls(tower)
+    families = "; ".join(cls.family for cls in classes)
     raise DyMUError(
-        f"no dymu adapter for {type(tower).__module__}.{type(tower).__name__}; supported: "
-        "open_clip VisionTransformer (standard blocks) and transformers CLIPVisionModel"
+        f"no dymu adapter for {type(tower).__module__}.{type(tower).__name__}; "
+        f"supported towers: {families}"
     )
+
+
+def __getattr__(name: str) -> type[TowerAdapter]:
+    """``from dymu.adapters import HFCLIPTower`` and the like, imported on first use."""
+    for entry in ADAPTERS:
+        if entry.endswith(f":{name}"):
+            cls = _load(entry)
+            if cls is not None:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,39 +1,43 @@
-"""Adapter for transformers' CLIP vision tower (``CLIPVisionModel``, as in llava-1.5-hf)."""
+"""Adapter for transformers' CLIP vision tower (``CLIPVisionModel``, as in llava-1.5-hf), and
+the encoder layers CLIP and SigLIP share."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import CLIPVisionModel
 
 from ..errors import DyMUError
-from .base import TowerAdapter
+from .base import Inputs, TowerAdapter, pair
 
 
-class HFCLIPTower(TowerAdapter):
-    """A transformers ``CLIPVisionModel`` (or its ``vision_model``) read block by block."""
+class HFEncoderLayers(TowerAdapter):
+    """Towers whose layers are ``layer_norm1 -> self_attn (q/k/v/out_proj) -> layer_norm2 ->
+    mlp`` (transformers' CLIP, SigLIP and SigLIP2) under ``encoder.layers``."""
 
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
         if not self.supports(tower):
-            raise DyMUError(f"HFCLIPTower needs a transformers CLIPVisionModel, not {type(tower)}")
+            raise DyMUError(f"{type(self).__name__} cannot read a {type(tower).__name__}")
         self.tower = tower
+        # transformers 5 puts the modules on the model; older versions under ``vision_model``
         self.core = getattr(tower, "vision_model", tower)
         self.blocks = self.core.encoder.layers
+        config = tower.config
         self.num_blocks = len(self.blocks)
-        self.num_heads = self.blocks[0].self_attn.num_heads
-        self.has_cls = True
-        self.num_tokens = int(self.core.embeddings.num_positions)
+        self.num_heads = config.num_attention_heads
+        self.width = config.hidden_size
+        self.mlp_width = config.intermediate_size
+        self.patch_size = int(config.patch_size)
+        self.image_size = pair(getattr(config, "image_size", 0))
 
-    @staticmethod
-    def supports(tower: object) -> bool:
-        core = getattr(tower, "vision_model", tower)
-        return all(hasattr(core, n) for n in ("embeddings", "pre_layrnorm", "encoder")) and all(
-            hasattr(layer, "layer_norm1") and hasattr(layer.self_attn, "q_proj")
-            for layer in getattr(core.encoder, "layers", [None])
-        )
+    @property
+    def module(self) -> nn.Module:
+        return self.tower
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.core.pre_layrnorm(self.core.embeddings(pixel_values))
+    @property
+    def patch_weight(self) -> torch.Tensor:
+        return self.core.embeddings.patch_embedding.weight
 
     def qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         layer = self.blocks[block]
@@ -48,5 +52,23 @@ class HFCLIPTower(TowerAdapter):
         layer = self.blocks[block]
         return layer.mlp(layer.layer_norm2(x))
 
-    def pool(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor | None:
-        return self.core.post_layernorm(x[:, 0])
+
+class HFCLIPTower(HFEncoderLayers):
+    """A transformers ``CLIPVisionModel``: class token, pre-norm, class-token head."""
+
+    family = "transformers CLIPVisionModel"
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__(tower)
+        self.num_prefix_tokens = 1
+        self.num_tokens = int(self.core.embeddings.num_positions)
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return isinstance(module, CLIPVisionModel)
+
+    def embed(self, inputs: Inputs) -> torch.Tensor:
+        return self.core.pre_layrnorm(self.core.embeddings(inputs))
+
+    def pool(self, tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor | None:
+        return self.core.post_layernorm(tokens[:, 0])

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+from torch import nn
 
 from ..errors import DyMUError
-from .base import TowerAdapter
+from .base import Inputs, TowerAdapter, pair, weighted_mean
 
 
 class OpenCLIPTower(TowerAdapter):
-    """An open_clip vision tower built from ``ResidualAttentionBlock``s."""
+    """An open_clip vision tower built from ``ResidualAttentionBlock``s (class token first)."""
+
+    family = "open_clip VisionTransformer"
 
     def __init__(self, visual: VisionTransformer) -> None:
         super().__init__()
@@ -21,24 +26,37 @@ class OpenCLIPTower(TowerAdapter):
             )
         self.visual = visual
         self.blocks = visual.transformer.resblocks
+        block = self.blocks[0]
         self.num_blocks = len(self.blocks)
-        self.num_heads = self.blocks[0].attn.num_heads
-        self.has_cls = True  # open_clip always prepends the class embedding
+        self.num_heads = block.attn.num_heads
+        self.width = block.attn.embed_dim
+        self.mlp_width = block.mlp.c_fc.out_features
+        self.patch_size = pair(visual.conv1.kernel_size)[0]
+        self.num_prefix_tokens = 1  # open_clip always prepends the class embedding
         self.num_tokens = int(visual.positional_embedding.shape[0])
+        self.image_size = pair(visual.image_size)
 
-    @staticmethod
-    def supports(tower: object) -> bool:
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
         return (
-            isinstance(tower, VisionTransformer)
-            and hasattr(tower, "_embeds")
+            isinstance(module, VisionTransformer)
+            and hasattr(module, "_embeds")
             and all(
                 type(b) is ResidualAttentionBlock and not hasattr(b, "ln_1_kv")
-                for b in tower.transformer.resblocks
+                for b in module.transformer.resblocks
             )
         )
 
-    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.visual._embeds(pixel_values)
+    @property
+    def module(self) -> nn.Module:
+        return self.visual
+
+    @property
+    def patch_weight(self) -> torch.Tensor:
+        return self.visual.conv1.weight
+
+    def embed(self, inputs: Inputs) -> torch.Tensor:
+        return self.visual._embeds(inputs)
 
     def qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         blk = self.blocks[block]
@@ -53,15 +71,29 @@ class OpenCLIPTower(TowerAdapter):
         blk = self.blocks[block]
         return blk.ls_2(blk.mlp(blk.ln_2(x)))
 
-    def pool(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor | None:
+    def pool(self, tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor | None:
         v = self.visual
         if v.attn_pool is not None or v.pool_type not in ("tok", "avg"):
             return None
         if v.pool_type == "tok":
-            pooled = v.ln_post(x[:, 0])
+            pooled = v.ln_post(tokens[:, 0])
         else:  # size-weighted mean over patch tokens: the mean over the original patches
-            weights = (sizes[:, 1:] / sizes[:, 1:].sum(-1, keepdim=True)).to(x.dtype)
-            tokens = x[:, 1:] if v.final_ln_after_pool else v.ln_post(x[:, 1:])
-            pooled = (tokens * weights[..., None]).sum(1)
+            patches = tokens[:, 1:] if v.final_ln_after_pool else v.ln_post(tokens[:, 1:])
+            pooled = weighted_mean(patches, sizes[:, 1:])
             pooled = v.ln_post(pooled) if v.final_ln_after_pool else pooled
         return pooled @ v.proj if v.proj is not None else pooled
+
+    def preprocess(self, mean=None, std=None) -> Callable:
+        """open_clip's own eval transform for this tower (its ``preprocess_cfg``)."""
+        return open_clip_transform(self.visual, mean, std)
+
+
+def open_clip_transform(visual: nn.Module, mean=None, std=None) -> Callable:
+    """The eval transform open_clip would build for ``visual`` (a ViT or a timm tower)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = dict(getattr(visual, "preprocess_cfg", {}) or {})
+    cfg.update({k: v for k, v in (("mean", mean), ("std", std)) if v is not None})
+    if "size" not in cfg:
+        cfg["size"] = getattr(visual, "image_size", 224)
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)

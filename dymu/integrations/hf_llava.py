@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import HFCLIPTower
+from ..adapters import adapt
 from ..encoder import DyMUEncoder
 from ..errors import DyMUError
 from ..schedule import make_schedule
@@ -49,7 +49,7 @@ def build_encoder(
     layer = llava.config.vision_feature_layer
     if not isinstance(layer, int):
         raise DyMUError(f"dymu supports one vision feature layer, this model uses {layer}")
-    tower = HFCLIPTower(llava.vision_tower)
+    tower = adapt(llava.vision_tower)
     drop_cls = llava.config.vision_feature_select_strategy == "default"
     if thresholds is not None and not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.load(thresholds)
