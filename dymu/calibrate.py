@@ -45,7 +45,8 @@ class TokenStats:
 
 class CalibrationState:
     """Everything a calibration has accumulated: per-block float64 sums and counts of batch
-    thresholds (kept on the device: no sync per batch), and tokens per image."""
+    thresholds (kept on the device), and tokens per image (read back once per batch: the
+    progress bar shows them)."""
 
     def __init__(self, num_blocks: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(num_blocks, dtype=torch.float64, device=device)

@@ -54,6 +54,7 @@ class DyMUEncoder(nn.Module):
         select_layer: int | None = None,
         drop_cls: bool = False,
         name: str | None = None,
+        preprocess: Callable | None = None,
     ) -> None:
         super().__init__()
         self.tower = tower
@@ -70,8 +71,8 @@ class DyMUEncoder(nn.Module):
         self.num_run = total if select_layer is None else select_layer % (total + 1)
         self.drop_cls = drop_cls
         self.num_prefix = tower.num_prefix_tokens
-        # PIL image -> tower input; the factory sets the model's own transform where known
-        self.preprocess: Callable = tower.preprocess()
+        # PIL image -> tower input: the model's own transform where known, else the family's
+        self.preprocess: Callable = preprocess or tower.preprocess()
         self.pretrained = "unknown"  # recorded in threshold files
         self.schedule_name = "explicit:" + ",".join(map(str, self.r))
         self.thresholds: Thresholds | None = None

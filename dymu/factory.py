@@ -12,7 +12,7 @@ import open_clip
 import torch
 from torch import nn
 
-from .adapters import TowerAdapter, adapter_classes
+from .adapters import TowerAdapter, adapter_for, supported_families
 from .encoder import DyMUEncoder
 from .errors import DyMUError
 from .names import resolve_name
@@ -78,9 +78,14 @@ def build_encoder(
         r_total = tower.num_patches - tower.num_patches // 3
     schedule = source.schedule if schedule is None else schedule
     r = make_schedule(r_total, tower.num_blocks, schedule)
-    encoder = DyMUEncoder(tower, r, select_layer=select_layer, drop_cls=drop_cls, name=source.name)
-    if source.preprocess is not None:
-        encoder.preprocess = source.preprocess
+    encoder = DyMUEncoder(
+        tower,
+        r,
+        select_layer=select_layer,
+        drop_cls=drop_cls,
+        name=source.name,
+        preprocess=source.preprocess,
+    )
     encoder.pretrained = source.pretrained
     if isinstance(schedule, str):
         encoder.schedule_name = schedule
@@ -122,23 +127,20 @@ def find_tower(model: nn.Module) -> TowerAdapter:
     """The adapted vision tower of ``model``: the model itself, or a tower inside it (an
     open_clip model's ``visual``, a VLM's ``vision_tower``, a dual encoder's
     ``vision_model``, a classifier's ``vit``), searched two levels deep."""
-    classes = adapter_classes()
     level = [model]
     for _ in range(3):
         for module in level:
-            for cls in classes:
-                if cls.supports(module):
-                    return cls(module)
+            if (cls := adapter_for(module)) is not None:
+                return cls(module)
         level = [
             child
             for module in level
             for attr in _TOWER_ATTRIBUTES
             if isinstance(child := getattr(module, attr, None), nn.Module)
         ]
-    families = "; ".join(cls.family for cls in classes)
     raise DyMUError(
         f"found no vision tower dymu can read in {type(model).__module__}."
-        f"{type(model).__name__}; supported towers: {families}"
+        f"{type(model).__name__}; supported towers: {supported_families()}"
     )
 
 

@@ -223,10 +223,8 @@ class TowerIdentity:
     def of(
         cls, label: str, architecture: str, patch_weight: torch.Tensor, source: str = "unknown"
     ) -> TowerIdentity:
-        rows = patch_weight.detach()[:_FINGERPRINT_ROWS].reshape(
-            min(_FINGERPRINT_ROWS, patch_weight.shape[0]), -1
-        )
-        rows = rows.to(device="cpu", dtype=torch.float64)
+        rows = patch_weight.detach()[:_FINGERPRINT_ROWS]
+        rows = rows.reshape(rows.shape[0], -1).to(device="cpu", dtype=torch.float64)
         stats = torch.stack([rows.mean(1), rows.abs().mean(1)], 1)
         return cls(label, architecture, tuple(stats.flatten().tolist()), source)
 

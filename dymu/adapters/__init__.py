@@ -24,7 +24,14 @@ ADAPTERS = (
     "hf_vit:HFViTTower",
 )
 
-__all__ = ["ADAPTERS", "TowerAdapter", "adapt", "adapter_classes"]
+__all__ = [
+    "ADAPTERS",
+    "TowerAdapter",
+    "adapt",
+    "adapter_classes",
+    "adapter_for",
+    "supported_families",
+]
 
 
 def _load(entry: str) -> type[TowerAdapter] | None:
@@ -40,17 +47,25 @@ def adapter_classes() -> list[type[TowerAdapter]]:
     return [cls for cls in map(_load, ADAPTERS) if cls is not None]
 
 
+def adapter_for(module: nn.Module) -> type[TowerAdapter] | None:
+    """The first registered adapter that supports ``module``, if any."""
+    return next((cls for cls in adapter_classes() if cls.supports(module)), None)
+
+
+def supported_families() -> str:
+    """The tower families the installed adapters serve, for error messages."""
+    return "; ".join(cls.family for cls in adapter_classes())
+
+
 def adapt(tower: nn.Module) -> TowerAdapter:
     """The adapter for a vision tower instance (a clear error when none serves it)."""
-    classes = adapter_classes()
-    for cls in classes:
-        if cls.supports(tower):
-            return cls(tower)
-    families = "; ".join(cls.family for cls in classes)
-    raise DyMUError(
-        f"no dymu adapter for {type(tower).__module__}.{type(tower).__name__}; "
-        f"supported towers: {families}"
-    )
+    cls = adapter_for(tower)
+    if cls is None:
+        raise DyMUError(
+            f"no dymu adapter for {type(tower).__module__}.{type(tower).__name__}; "
+            f"supported towers: {supported_families()}"
+        )
+    return cls(tower)
 
 
 def __getattr__(name: str) -> type[TowerAdapter]:
