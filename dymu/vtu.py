@@ -15,12 +15,12 @@ whose length differs from it (decoding steps), run the unpatched code.
 from __future__ import annotations
 
 import sys
-import types
 
 import torch
 from torch import nn
 
 from .errors import DyMUError
+from .patching import call_prior, patch, unpatch
 
 _STATE = "_dymu_vtu_handles"
 
@@ -31,37 +31,39 @@ def apply_vtu(model: nn.Module) -> nn.Module:
     if hasattr(base, _STATE):
         return model
     for layer in base.layers:
-        attn = layer.self_attn
-        _check_attention(attn)
-        attn.forward = types.MethodType(_vtu_attention_forward, attn)
+        _check_attention(layer.self_attn)
+    for layer in base.layers:
+        patch(layer.self_attn, "forward", _vtu_attention_forward)
     handles = [
         base.layers[0].register_forward_pre_hook(_compress_hook, with_kwargs=True),
         base.register_forward_hook(_expand_hook, with_kwargs=True),
     ]
     setattr(base, _STATE, handles)
     # name the argument in the instance's signature, so generate() accepts and forwards it
-    model.forward = types.MethodType(_forward_with_mapping, model)
+    patch(model, "forward", forward_with_mapping)
     return model
 
 
-def _forward_with_mapping(
-    self: nn.Module, *args, vtu_mapping: torch.Tensor | None = None, **kwargs
-):
+def forward_with_mapping(self: nn.Module, *args, vtu_mapping: torch.Tensor | None = None, **kwargs):
+    """A forward whose signature names ``vtu_mapping`` (patched onto instances, so that
+    ``generate()`` accepts the argument and passes it on at every step)."""
     if vtu_mapping is not None:
         kwargs["vtu_mapping"] = vtu_mapping
-    return type(self).forward(self, *args, **kwargs)
+    return call_prior(self, "forward", *args, **kwargs)
 
 
 def remove_vtu(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_vtu` (a no-op on an unpatched model)."""
+    """Undo :func:`apply_vtu`, putting back any forward set on the instances before (a no-op
+    on an unpatched model)."""
     base = _decoder(model)
-    for handle in getattr(base, _STATE, []):
+    if not hasattr(base, _STATE):
+        return model
+    for handle in getattr(base, _STATE):
         handle.remove()
-    if hasattr(base, _STATE):
-        delattr(base, _STATE)
+    delattr(base, _STATE)
     for layer in base.layers:
-        layer.self_attn.__dict__.pop("forward", None)
-    model.__dict__.pop("forward", None)
+        unpatch(layer.self_attn, "forward")
+    unpatch(model, "forward")
     return model
 
 
@@ -152,11 +154,12 @@ def _vtu_attention_forward(
     vtu_mapping: torch.Tensor | None = None,
     **kwargs,
 ):
-    """The attention of DESIGN section 7; falls back to the class's own forward."""
+    """The attention of DESIGN section 7; other calls go to the forward it replaced."""
     cos, sin = position_embeddings
     if not _full_length_call(vtu_mapping, cos.shape[-2]):
-        return type(self).forward(
+        return call_prior(
             self,
+            "forward",
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,

@@ -35,6 +35,14 @@ that cache; the cache is deep-copied before every rep (outside the timed region)
 step starts from the prefill state. Both steps run the plain decoder and should take about
 the same time.
 
+``--onevision`` is the LLaVA-OneVision scenario on a Qwen2-shaped LM (Qwen2-0.5B's widths:
+hidden 896, MLP 4864, 14 query / 2 kv heads, vocab 151936; ``--layers`` of its 24): one
+729-token base view plus 4 crops of 729 arranged in a 2 x 2 grid (54 x 54 positions, a
+newline token after each of the 54 rows, as OneVision packs them), each view merged on its
+own into ``--merged`` groups (default 192, the ``-192out`` SigLIP schedule). Logits are kept
+for the last position only (``logits_to_keep=1``, as ``generate()``'s prefill does), so the
+bound counts the LM head once.
+
 ``--profile`` adds a ``torch.profiler`` table (self CPU time by op) of VTU and full prefills.
 
 ``--quick`` is a small smoke run (what CI runs).
@@ -59,6 +67,19 @@ import torch
 import dymu
 
 TARGET = 0.8
+ONEVISION = dict(
+    lm="qwen2",
+    hidden=896,
+    intermediate=4864,
+    heads=14,
+    kv_heads=2,
+    vocab=151936,
+    layers=4,
+    image_tokens=729,
+    crops=4,
+    merged=192,
+    last_logits=True,
+)
 QUICK = dict(
     layers=2,
     hidden=256,
@@ -74,6 +95,10 @@ QUICK = dict(
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lm", choices=["llama", "qwen2"], default="llama")
+    p.add_argument("--onevision", action="store_true", help=f"OneVision scenario: {ONEVISION}")
+    p.add_argument("--crops", type=int, default=0, help="AnyRes crops (a square number) after")
+    p.add_argument("--last-logits", action="store_true", help="logits for the last position")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden")
@@ -81,7 +106,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--image-tokens", type=int, default=576)
-    p.add_argument("--merged", type=int, default=100, help="groups the image tokens fall into")
+    p.add_argument("--merged", type=int, default=100, help="groups each view falls into")
     p.add_argument("--text-tokens", type=int, default=64, help="half before, half after")
     p.add_argument("--grouping", choices=["random", "contiguous"], default="random")
     p.add_argument("--reps", type=int, default=10, help="timed prefill reps of each")
@@ -91,8 +116,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="torch.profiler table of prefills")
     p.add_argument("--quick", action="store_true", help=f"smoke run (what CI runs): {QUICK}")
-    if p.parse_known_args()[0].quick:  # quick sizes as defaults; explicit flags still win
-        p.set_defaults(**QUICK)
+    known = p.parse_known_args()[0]
+    if known.onevision:  # scenario defaults; explicit flags still win
+        p.set_defaults(**ONEVISION)
+    if known.quick:  # quick sizes as defaults; explicit flags still win
+        small_views = {"image_tokens": 16, "merged": 6} if known.onevision else {}
+        p.set_defaults(**{**QUICK, **small_views})
     args = p.parse_args()
     if args.intermediate is None:
         args.intermediate = int(2.75 * args.hidden)
@@ -102,45 +131,62 @@ def parse_args() -> argparse.Namespace:
         args.kv_heads = args.heads
     if not 0 < args.merged <= args.image_tokens:
         p.error("--merged must be in 1..--image-tokens")
+    side, grid = round(args.image_tokens**0.5), round(args.crops**0.5)
+    if args.crops and (side * side != args.image_tokens or grid * grid != args.crops):
+        p.error("--crops needs a square number of crops and of --image-tokens")
     return args
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(
+    family = {"llama": "Llama", "qwen2": "Qwen2"}[args.lm]
+    config = getattr(transformers, f"{family}Config")(
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads,
         vocab_size=args.vocab,
-        max_position_embeddings=4096,
+        max_position_embeddings=8192,
         attn_implementation="sdpa",
     )
     torch.manual_seed(args.seed)
-    return LlamaForCausalLM(config).eval()
+    return getattr(transformers, f"{family}ForCausalLM")(config).eval()
+
+
+def view_groups(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
+    """One view's image tokens -> ``--merged`` groups (every group used)."""
+    n_img, groups = args.image_tokens, args.merged
+    if args.grouping == "contiguous":
+        return torch.arange(n_img) * groups // n_img
+    image = torch.randint(groups, (n_img,), generator=gen)
+    image[torch.randperm(n_img, generator=gen)[:groups]] = torch.arange(groups)
+    return image
+
+
+def build_keys(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
+    """(N,) per position: the merged token it holds (views numbered apart), -1 for text and
+    newline positions. With ``--crops``: the base view, then the crops' grid row by row with
+    a newline after each row (OneVision's packing of an unpadded 2 x 2 grid)."""
+    text = torch.full((args.text_tokens // 2,), -1)
+    parts = [text, view_groups(args, gen)]
+    if args.crops:
+        side, grid = round(args.image_tokens**0.5), round(args.crops**0.5)
+        crops = torch.stack(
+            [view_groups(args, gen) + (c + 1) * args.merged for c in range(args.crops)]
+        )
+        tiles = crops.view(grid, grid, side, side).permute(0, 2, 1, 3).reshape(grid * side, -1)
+        parts.append(torch.cat([tiles, torch.full((grid * side, 1), -1)], 1).reshape(-1))
+    parts.append(torch.full((args.text_tokens - args.text_tokens // 2,), -1))
+    return torch.cat(parts)
 
 
 def build_mapping(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
-    """(1, N) full position -> slot: text | image groups | text, slots in order of appearance."""
-    before = args.text_tokens // 2
-    after = args.text_tokens - before
-    n_img, groups = args.image_tokens, args.merged
-    if args.grouping == "contiguous":
-        image = torch.arange(n_img) * groups // n_img
-    else:
-        image = torch.randint(groups, (n_img,), generator=gen)
-        image[torch.randperm(n_img, generator=gen)[:groups]] = torch.arange(groups)
-    mapping = torch.cat(
-        [
-            torch.arange(before),
-            before + image,
-            before + groups + torch.arange(after),
-        ]
-    )
-    assert torch.equal(mapping.unique(), torch.arange(before + groups + after))
-    return mapping[None]
+    """(1, N) full position -> slot, slots in order of first appearance (dymu.layouts)."""
+    from dymu.layouts import slot_mapping
+
+    return slot_mapping(build_keys(args, gen)[None])
 
 
 def count_flops(args: argparse.Namespace, n_attn: int, n_lin: int, n_full: int) -> float:
@@ -149,7 +195,8 @@ def count_flops(args: argparse.Namespace, n_attn: int, n_lin: int, n_full: int) 
     proj = 2 * n_lin * d * (2 * d + 2 * d_kv)
     mlp = 3 * 2 * n_lin * d * i
     attn = 2 * n_attn * n_attn * d  # causal: (2N^2 D scores + 2N^2 D AV) / 2
-    return args.layers * (proj + mlp + attn) + 2 * n_full * d * v
+    head = 2 * (1 if args.last_logits else n_full) * d * v
+    return args.layers * (proj + mlp + attn) + head
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -222,32 +269,36 @@ def main() -> None:
     next_embed = torch.randn(1, 1, args.hidden, generator=gen) * 0.02
     n_params = sum(p.numel() for p in lm.parameters())
     print(
-        f"Llama: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
+        f"{args.lm}: {args.layers} layers, hidden {args.hidden}, MLP {args.intermediate}, "
         f"heads {args.heads}/{args.kv_heads} kv, vocab {args.vocab}, "
         f"{n_params / 1e6:.0f}M params, sdpa, float32; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads (built in {time.perf_counter() - t0:.1f} s)"
     )
+    views = 1 + args.crops
     print(
-        f"tokens: N = {n_full} full ({args.text_tokens // 2} text + {args.image_tokens} image "
-        f"+ {args.text_tokens - args.text_tokens // 2} text), M = {n_slots} slots "
-        f"({args.merged} image groups, {args.grouping}); reps {args.reps}, "
-        f"warmup {args.warmup}"
+        f"tokens: N = {n_full} full ({args.text_tokens} text, {views} x {args.image_tokens} "
+        f"image{' + newlines' if args.crops else ''}), M = {n_slots} slots ({args.merged} "
+        f"groups per view, {args.grouping}); reps {args.reps}, warmup {args.warmup}"
     )
+    keep = {"logits_to_keep": 1} if args.last_logits else {}
 
     with torch.inference_mode():
-        full_logits = lm(inputs_embeds=embeds, use_cache=False).logits
-        vtu_logits = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False).logits
-        assert full_logits.shape == vtu_logits.shape == (1, n_full, args.vocab)
+        full_logits = lm(inputs_embeds=embeds, use_cache=False, **keep).logits
+        vtu_logits = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False, **keep).logits
+        kept = 1 if args.last_logits else n_full
+        assert full_logits.shape == vtu_logits.shape == (1, kept, args.vocab)
         cos = torch.nn.functional.cosine_similarity(full_logits, vtu_logits, dim=-1)
         print(
-            f"logits (1, {n_full}, {args.vocab}) both; full vs vtu cosine: mean "
+            f"logits (1, {kept}, {args.vocab}) both; full vs vtu cosine: mean "
             f"{cos.mean():.4f}, min {cos.min():.4f}"
         )
 
         prefill = interleave(
             {
-                "full": lambda: lm(inputs_embeds=embeds, use_cache=False),
-                "vtu": lambda: lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False),
+                "full": lambda: lm(inputs_embeds=embeds, use_cache=False, **keep),
+                "vtu": lambda: lm(
+                    inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False, **keep
+                ),
             },
             args.reps,
             args.warmup,
@@ -268,8 +319,10 @@ def main() -> None:
         if args.profile:
             profile(
                 {
-                    "vtu": lambda: lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False),
-                    "full": lambda: lm(inputs_embeds=embeds, use_cache=False),
+                    "vtu": lambda: lm(
+                        inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False, **keep
+                    ),
+                    "full": lambda: lm(inputs_embeds=embeds, use_cache=False, **keep),
                 }
             )
 
@@ -291,7 +344,7 @@ def main() -> None:
     )
     print(
         f"FLOPs: full {full_flops / 1e9:.1f} G, vtu {vtu_flops / 1e9:.1f} G "
-        f"(lm_head {2 * n_full * args.hidden * args.vocab / 1e9:.1f} G in both); "
+        f"(lm_head {2 * kept * args.hidden * args.vocab / 1e9:.1f} G in both); "
         f"full throughput {full_flops / prefill['full'] / 1e6:.0f} GFLOP/s, "
         f"vtu {vtu_flops / prefill['vtu'] / 1e6:.0f} GFLOP/s"
     )

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_LM, checkerboard, noise
+from hf_vlms import TOWER
+from naive_vtu import naive_logits
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import dymu
@@ -20,14 +22,7 @@ STD = torch.tensor([0.2686, 0.2613, 0.2758])[:, None, None]
 
 def build():
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-    )
+    vision = CLIPVisionConfig(**TOWER)
     text = LlamaConfig(**TINY_LM)
     cfg = LlavaConfig(
         vision_config=vision,
@@ -137,9 +132,6 @@ def test_patched_model_equals_the_pipeline_by_hand(calibrated):
         merged = model.model.multi_modal_projector(out.tokens)
         features = [merged[i][out.groups[i]] for i in range(2)]
         mapping = naive_mapping(ids, out.groups, out.lengths)
-        assert torch.equal(
-            hf_llava.build_mapping(ids == IMAGE_TOKEN, out.groups, out.lengths), mapping
-        )
         lm = apply_vtu(model.model.language_model)  # the LM alone patched, fed by hand
         manual = model(
             input_ids=ids,
@@ -152,12 +144,10 @@ def test_patched_model_equals_the_pipeline_by_hand(calibrated):
     assert torch.allclose(got, manual, atol=1e-5)
 
 
-def test_mapping_count_mismatch_is_a_clear_error():
-    ids = prompts(1)
-    with pytest.raises(dymu.DyMUError, match="16 image tokens but 2 images need 32"):
-        hf_llava.build_mapping(
-            ids == IMAGE_TOKEN, torch.zeros(2, PATCHES, dtype=torch.long), torch.tensor([1, 1])
-        )
+def test_image_token_count_mismatch_is_a_clear_error(calibrated):
+    model = hf_llava.apply(build(), calibrated)
+    with pytest.raises(dymu.DyMUError, match="16 image tokens but the images give 32 features"):
+        model(input_ids=prompts(1), pixel_values=pixels([checkerboard(), noise()]))
 
 
 def test_per_call_feature_choice_is_honoured_or_refused(calibrated):
@@ -172,3 +162,28 @@ def test_per_call_feature_choice_is_honoured_or_refused(calibrated):
             model(input_ids=ids, pixel_values=x, vision_feature_layer=-1)
         with pytest.raises(dymu.DyMUError, match="strategy='default', not 'full'"):
             model(input_ids=ids, pixel_values=x, vision_feature_select_strategy="full")
+
+
+def test_generate_encodes_with_dymu_and_matches_naive_step_by_step(calibrated):
+    """generate() encodes images before its first forward call: DyMU must be in that path."""
+    model = hf_llava.apply(build(), calibrated)
+    x, ids = pixels([checkerboard()]), prompts(1)
+    seen: dict = {}
+    lm = model.model.language_model
+    lm.register_forward_pre_hook(
+        lambda m, a, kw: None if seen else seen.update(kw), with_kwargs=True
+    )
+    steps = 4
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, pixel_values=x, max_new_tokens=steps, do_sample=False)
+        merged = hf_llava.build_encoder(model, calibrated)(x)
+        seq, mapping = seen["inputs_embeds"], seen["vtu_mapping"]
+        assert int(mapping.max()) + 1 == ids.shape[1] - PATCHES + int(merged.lengths[0])
+        tokens = []
+        for _ in range(steps):
+            mask = torch.ones(seq.shape[:2], dtype=torch.long)
+            nxt = int(naive_logits(lm, model.lm_head, seq, mapping, mask)[0, -1].argmax())
+            tokens.append(nxt)
+            seq = torch.cat([seq, model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
+            mapping = torch.cat([mapping, mapping.max()[None, None] + 1], 1)
+    assert out[0, -steps:].tolist() == tokens

@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import llava.model.language_model.llava_llama as llava_llama  # llava-torch, installed --no-deps
+import llava.model.language_model.llava_mistral as llava_mistral
+import llava.model.language_model.llava_mpt as llava_mpt
 import pytest
 import torch
 from conftest import TINY, TINY_LM, checkerboard, noise
@@ -13,6 +15,10 @@ from dymu.integrations import llava as dymu_llava
 
 IMAGE = -200  # LLaVA's IMAGE_TOKEN_INDEX
 NAME = f"{TINY}-tome-24out"
+FAMILIES = {
+    "llama": (llava_llama.LlavaConfig, llava_llama.LlavaLlamaForCausalLM),
+    "mistral": (llava_mistral.LlavaMistralConfig, llava_mistral.LlavaMistralForCausalLM),
+}
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +38,10 @@ def enabled():
     dymu_llava.disable()
 
 
-def build(thresholds, vtu=True, tower=NAME, **extra):
+def build(thresholds, vtu=True, tower=NAME, family="llama", **extra):
     torch.manual_seed(0)
-    cfg = llava_llama.LlavaConfig(
+    config_cls, model_cls = FAMILIES[family]
+    cfg = config_cls(
         **TINY_LM,
         mm_vision_tower=tower,
         mm_hidden_size=64,
@@ -47,7 +54,7 @@ def build(thresholds, vtu=True, tower=NAME, **extra):
         attn_implementation="sdpa",
         **extra,
     )
-    model = llava_llama.LlavaLlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     model.get_model().get_vision_tower().load_model()
     if hasattr(model.get_model(), "image_newline"):  # LLaVA leaves it uninitialised
         model.get_model().image_newline.data.normal_()
@@ -59,6 +66,12 @@ def images(model):
     return torch.stack(
         [tower.encoder.preprocess(checkerboard()), tower.encoder.preprocess(noise())]
     )
+
+
+def around_image(model, ids, features):
+    """The embeddings LLaVA builds for ``ids`` (one image at position 2) by hand."""
+    embed = model.get_model().embed_tokens
+    return torch.cat([embed(ids[0, :2]), features, embed(ids[0, 3:])])[None]
 
 
 def test_loads_the_dymu_tower_by_name_and_generates(thresholds, enabled):
@@ -76,17 +89,16 @@ def test_loads_the_dymu_tower_by_name_and_generates(thresholds, enabled):
     assert out.shape == (2, 3)
 
 
-def test_vtu_forward_equals_the_sequence_built_by_hand(thresholds, enabled):
-    model = build(thresholds)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_vtu_forward_equals_the_sequence_built_by_hand(thresholds, enabled, family):
+    model = build(thresholds, family=family)
     tower = model.get_model().get_vision_tower()
     ids = torch.tensor([[1, 5, IMAGE, 7, 8]])
     x = images(model)[:1]
     with torch.no_grad():
         got = model(input_ids=ids, images=x).logits
         groups, lengths = tower.last_groups
-        embed = model.get_model().embed_tokens
-        features = model.get_model().mm_projector(tower(x))[0]
-        embeds = torch.cat([embed(ids[0, :2]), features, embed(ids[0, 3:])])[None]
+        embeds = around_image(model, ids, model.get_model().mm_projector(tower(x))[0])
         n = int(lengths[0])
         mapping = torch.cat([torch.tensor([0, 1]), 2 + groups[0], torch.tensor([2 + n, 3 + n])])
         manual = model(inputs_embeds=embeds, vtu_mapping=mapping[None]).logits
@@ -94,8 +106,25 @@ def test_vtu_forward_equals_the_sequence_built_by_hand(thresholds, enabled):
     assert torch.allclose(got, manual, atol=1e-5)
 
 
-def test_without_vtu_the_merged_tokens_are_fed_directly(thresholds, enabled):
+def test_without_vtu_the_llm_runs_unchanged_on_repeated_features(thresholds, enabled):
     model = build(thresholds, vtu=False)
+    tower = model.get_model().get_vision_tower()
+    ids = torch.tensor([[1, 5, IMAGE, 7, 8]])
+    x = images(model)[:1]
+    with torch.no_grad():
+        got = model(input_ids=ids, images=x).logits
+        groups, _ = tower.last_groups
+        merged = tower.encoder(x).tokens[0]
+        features = model.get_model().mm_projector(merged[groups[0]])  # repeated by hand
+        embeds = around_image(model, ids, features)
+        plain = llava_llama.LlamaForCausalLM.forward(model, inputs_embeds=embeds).logits
+        out = model.generate(ids, images=x, max_new_tokens=2, do_sample=False)
+    assert got.shape == (1, 4 + 64, 64) and torch.allclose(got, plain, atol=1e-5)
+    assert out.shape == (1, 2)
+
+
+def test_direct_feeds_the_merged_tokens(thresholds, enabled):
+    model = build(thresholds, dymu_direct=True)
     ids = torch.tensor([[1, 5, IMAGE, 7, 8]])
     x = images(model)[:1]
     with torch.no_grad():
@@ -105,17 +134,29 @@ def test_without_vtu_the_merged_tokens_are_fed_directly(thresholds, enabled):
     assert logits.shape[1] == 4 + n < 4 + 64 and out.shape == (1, 2)
 
 
+def test_mpt_is_refused_in_one_line(thresholds, enabled):
+    cfg = llava_mpt.LlavaMptConfig(
+        d_model=32, n_heads=4, n_layers=1, vocab_size=64, mm_vision_tower=NAME,
+        mm_vision_select_layer=-2, dymu_pretrained="none", dymu_thresholds=str(thresholds),
+    )  # fmt: skip
+    with pytest.raises(dymu.DyMUError, match="LLaVA-Llama and LLaVA-Mistral models, not llava_mpt"):
+        llava_mpt.LlavaMptForCausalLM(cfg)
+
+
 def test_other_towers_untouched_and_disable_restores(thresholds):
+    import llava.model.llava_arch as arch
     import llava.model.multimodal_encoder.builder as builder
 
-    before = builder.build_vision_tower
-    forward = llava_llama.LlavaLlamaForCausalLM.forward
+    classes = [arch.LlavaMetaForCausalLM, llava_mpt.LlavaMptForCausalLM]
+    classes += [cls for _, cls in FAMILIES.values()]
+    before = [dict(vars(cls)) for cls in classes]
+    tower_builders = builder.build_vision_tower, arch.build_vision_tower
     dymu_llava.enable()
-    assert builder.build_vision_tower is not before
+    assert builder.build_vision_tower is not tower_builders[0]
     assert not dymu_llava._is_dymu_name("openai/clip-vit-large-patch14-336")
     dymu_llava.disable()
-    assert builder.build_vision_tower is before
-    assert llava_llama.LlavaLlamaForCausalLM.forward is forward
+    assert (builder.build_vision_tower, arch.build_vision_tower) == tower_builders
+    assert [dict(vars(cls)) for cls in classes] == before  # nothing added, nothing left
 
 
 def test_module_runner(tmp_path):
@@ -197,8 +238,8 @@ def test_anyres_groups_follow_llavas_arrangement(thresholds, photos, enabled):
         assert newlines.sum() > 0 and not (patch[b] & newlines).any()
 
 
-def test_anyres_without_vtu_is_a_clear_error(thresholds, photos, enabled):
-    model = build(thresholds, vtu=False, **ANYRES)
+def test_anyres_direct_is_a_clear_error(thresholds, photos, enabled):
+    model = build(thresholds, dymu_direct=True, **ANYRES)
     pixels, sizes = anyres_inputs(model, photos)
-    with pytest.raises(dymu.DyMUError, match="need dymu_vtu: true"):
+    with pytest.raises(dymu.DyMUError, match="need dymu_direct: false"):
         model(input_ids=torch.tensor([[1, IMAGE, 7]] * 2), images=pixels, image_sizes=sizes)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import TINY_LM
+from naive_vtu import naive_logits
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -11,7 +12,6 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-from transformers.masking_utils import create_causal_mask
 
 from dymu.vtu import apply_vtu, is_vtu_applied, remove_vtu
 
@@ -34,52 +34,6 @@ def random_mapping(gen: torch.Generator, length: int, text: int, patches: int, g
     group = group[torch.randperm(patches, generator=gen)]
     tail = length - text - patches
     return torch.cat([torch.arange(text), text + group, text + groups + torch.arange(tail)])
-
-
-def naive_group_mean(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
-    """(N, C) -> (slots, C) with Python loops."""
-    slots = int(mapping.max()) + 1
-    out = torch.zeros(slots, x.shape[1])
-    for s in range(slots):
-        members = [i for i in range(len(mapping)) if int(mapping[i]) == s]
-        if members:
-            out[s] = sum(x[i] for i in members) / len(members)
-    return out
-
-
-def naive_logits(model, embeds, mapping, attention_mask):
-    """Expand to full length, run the unpatched attention, average per group; loops only."""
-    base = model.model
-    bsz, n, _ = embeds.shape
-    slots = int(mapping.max()) + 1
-    position_ids = torch.arange(n)[None]
-    pos = base.rotary_emb(embeds, position_ids=position_ids)
-    mask = create_causal_mask(
-        config=model.config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
-
-    def per_sample_mean(x):  # (B, N, C) -> (B, slots, C)
-        out = torch.zeros(bsz, slots, x.shape[-1])
-        for b in range(bsz):
-            m = naive_group_mean(x[b], mapping[b])
-            out[b, : m.shape[0]] = m
-        return out
-
-    def expand(h):  # (B, slots, C) -> (B, N, C)
-        return torch.stack([h[b][mapping[b]] for b in range(bsz)])
-
-    h = per_sample_mean(embeds)
-    for layer in base.layers:
-        attn, _ = layer.self_attn(
-            expand(layer.input_layernorm(h)), position_embeddings=pos, attention_mask=mask
-        )
-        h = h + per_sample_mean(attn)
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return model.lm_head(expand(base.norm(h)))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -110,7 +64,7 @@ def test_vtu_equals_naive_full_length_computation(family, attn, padding):
     slots = torch.randn(2, int(mapping.max()) + 1, 32)
     embeds = torch.stack([slots[b][mapping[b]] for b in range(2)])  # repeated inside groups
     with torch.no_grad():
-        expected = naive_logits(model, embeds, mapping, attention_mask)
+        expected = naive_logits(model.model, model.lm_head, embeds, mapping, attention_mask)
         apply_vtu(model)
         got = model(inputs_embeds=embeds, attention_mask=attention_mask, vtu_mapping=mapping).logits
     valid = attention_mask.bool()
@@ -133,7 +87,7 @@ def test_greedy_generate_matches_naive_step_by_step(family):
         seq, seq_map = embeds, mapping
         for _ in range(steps):
             mask = torch.ones(1, seq.shape[1], dtype=torch.long)
-            nxt = int(naive_logits(model, seq, seq_map, mask)[0, -1].argmax())
+            nxt = int(naive_logits(model.model, model.lm_head, seq, seq_map, mask)[0, -1].argmax())
             tokens.append(nxt)
             new = model.model.embed_tokens(torch.tensor([[nxt]]))
             seq = torch.cat([seq, new], 1)

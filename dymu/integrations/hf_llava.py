@@ -1,31 +1,48 @@
-"""DyMU in transformers' ``LlavaForConditionalGeneration`` (the llava-1.5-hf layout).
+"""DyMU in transformers' LLaVA family: ``LlavaForConditionalGeneration`` (llava-1.5-hf),
+``LlavaNextForConditionalGeneration`` (LLaVA-1.6 / NeXT) and
+``LlavaOnevisionForConditionalGeneration`` (images, multi-image, video).
 
-``apply(model, thresholds=...)`` patches the instance: the vision path becomes the DyMU
-encoder over the model's own CLIP weights (LLaVA's feature layer and class-token
-handling), the projector runs on the merged tokens, and each merged feature is repeated
-over the patches of its group so the prompt keeps its full image-token layout. With
-``vtu=True`` the language model runs virtual token unmerging: hidden states at merged
-length, attention at the full positions. ``model.generate(**processor(...))`` works
-unchanged; ``remove(model)`` restores the original model.
+``apply(model, thresholds=...)`` patches the instance. Every crop and frame the model would
+feed its vision tower goes through the DyMU encoder over the tower's own weights, in one
+padded batch; the projector runs on the merged tokens. Everything after the projector
+(AnyRes grids, unpadding, newline tokens, video pooling, anyres_max interpolation) is the
+model's own code, run on the merged features expanded to full grids, so the prompt keeps the
+unmodified model's layout and length. With ``vtu=True`` the language model runs virtual
+token unmerging; its mapping comes from the same code run on markers (:mod:`dymu.layouts`).
+With ``vtu=False`` the language model runs unchanged on that full-length prompt (the
+encoder's effect alone). ``model.generate(**processor(...))`` works unchanged; ``remove``
+puts back exactly what was there.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..adapters import adapt
-from ..encoder import DyMUEncoder
+from ..encoder import DyMUEncoder, EncoderOutput
 from ..errors import DyMUError
+from ..layouts import marker_rows, place_keys, read_markers, slot_mapping
+from ..patching import call_prior, patch, temporarily, unpatch
 from ..schedule import make_schedule
 from ..thresholds import Thresholds
-from ..vtu import apply_vtu, expand_groups, remove_vtu
+from ..vtu import apply_vtu, expand_groups, forward_with_mapping, remove_vtu
 
 _STATE = "_dymu_llava"
+_CLASSES = {  # outer class -> its inner model class, in transformers
+    "LlavaForConditionalGeneration": "LlavaModel",
+    "LlavaNextForConditionalGeneration": "LlavaNextModel",
+    "LlavaOnevisionForConditionalGeneration": "LlavaOnevisionModel",
+}
+# modality -> (forward's pixel argument, the model's feature method, placeholder token id)
+_MODALITIES = {
+    "image": ("pixel_values", "get_image_features", "image_token_id"),
+    "video": ("pixel_values_videos", "get_video_features", "video_token_id"),
+}
 
 
 @dataclass
@@ -40,23 +57,24 @@ def build_encoder(
     r_total: int = 0,
     schedule: str | list[int] = "constant",
 ) -> DyMUEncoder:
-    """The DyMU encoder over a LLaVA model's CLIP tower (also what calibration runs on).
+    """The DyMU encoder over a LLaVA model's vision tower (also what calibration runs on).
 
-    With ``thresholds``, their per-block ``r`` is the schedule; without, ``r_total`` and
-    ``schedule`` give one (for :func:`dymu.find_thresholds`).
+    It follows the model's feature layer and class-token choice. With ``thresholds``, their
+    per-block ``r`` is the schedule; without, ``r_total`` and ``schedule`` give one (for
+    :func:`dymu.find_thresholds`).
     """
-    llava = _llava_model(model)
-    layer = llava.config.vision_feature_layer
+    vlm = _vlm(model)
+    layer = vlm.config.vision_feature_layer
     if not isinstance(layer, int):
         raise DyMUError(f"dymu supports one vision feature layer, this model uses {layer}")
-    tower = adapt(llava.vision_tower)
-    drop_cls = llava.config.vision_feature_select_strategy == "default"
+    tower = adapt(vlm.vision_tower)
+    drop_cls = vlm.config.vision_feature_select_strategy == "default"
     if thresholds is not None and not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.load(thresholds)
     if thresholds is not None:
-        r, name = thresholds.r.tolist(), thresholds.metadata.get("model", "hf-clip-tome")
+        r, name = thresholds.r.tolist(), thresholds.metadata.get("model", "hf-llava-tome")
     else:
-        r, name = make_schedule(r_total, tower.num_blocks, schedule), "hf-clip-tome"
+        r, name = make_schedule(r_total, tower.num_blocks, schedule), "hf-llava-tome"
     encoder = DyMUEncoder(tower, r, select_layer=layer, drop_cls=drop_cls, name=name)
     if thresholds is not None:
         encoder.set_thresholds(thresholds)
@@ -66,79 +84,185 @@ def build_encoder(
 def apply(
     model: nn.Module, thresholds: str | os.PathLike | Thresholds, vtu: bool = True
 ) -> nn.Module:
-    """Patch a ``LlavaForConditionalGeneration`` (or ``LlavaModel``) in place; idempotent."""
-    llava = _llava_model(model)
-    if _STATE in llava.__dict__:
+    """Patch a transformers LLaVA, LLaVA-NeXT or LLaVA-OneVision model in place; idempotent.
+
+    ``vtu=True``: the language model (Llama, Mistral, Qwen2, ...) runs virtual unmerging.
+    ``vtu=False``: it runs unchanged on the full-length prompt of repeated merged features.
+    """
+    vlm = _vlm(model)
+    if _STATE in vlm.__dict__:
         return model
     encoder = build_encoder(model, thresholds)
-    # kept out of the module tree: the encoder reads the tower's own parameters
-    llava.__dict__[_STATE] = _State(encoder, vtu)
-    llava.forward = types.MethodType(_forward, llava)
     if vtu:
-        apply_vtu(llava.language_model)
+        apply_vtu(vlm.language_model)
+    # kept out of the module tree: the encoder reads the tower's own parameters
+    vlm.__dict__[_STATE] = _State(encoder, vtu)
+    for method in _methods(vlm):  # what forward and generate() call to encode
+        patch(vlm, method, _feature_method(method))
+    patch(vlm, "forward", _forward)
+    if vtu and model is not vlm:  # generate() encodes before the first forward: add the mapping
+        patch(model, "generate", _generate)
+        patch(model, "forward", forward_with_mapping)
     return model
 
 
 def remove(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply`."""
-    llava = _llava_model(model)
-    state = llava.__dict__.pop(_STATE, None)
-    llava.__dict__.pop("forward", None)
-    if state is not None and state.vtu:
-        remove_vtu(llava.language_model)
+    """Undo :func:`apply`: the instances hold exactly what they held before."""
+    vlm = _vlm(model)
+    state = vlm.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    for method in (*_methods(vlm), "forward"):
+        unpatch(vlm, method)
+    if model is not vlm:
+        unpatch(model, "generate")
+        unpatch(model, "forward")
+    if state.vtu:
+        remove_vtu(vlm.language_model)
     return model
 
 
-def build_mapping(
-    is_image: torch.Tensor, groups: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """Full position -> merged slot for a batch of prompts.
+def _methods(vlm: nn.Module) -> list[str]:
+    return [m for _, m, _ in _MODALITIES.values() if hasattr(type(vlm), m)]
 
-    ``is_image (B, N)`` marks image placeholders (``P`` per image, images in row-major
-    order), ``groups (I, P)`` the slot of each patch within its image, ``lengths (I,)``
-    each image's merged count. Text tokens get a slot each; image ``k`` takes ``lengths[k]``
-    slots after the text before it.
+
+def _feature_method(method: str):
+    def features(self: nn.Module, *args, **kwargs):
+        """The model's own feature method, with DyMU's encoder in place of the tower."""
+        state: _State = self.__dict__[_STATE]
+        call = _named(getattr(type(self), method), self, args, kwargs)
+        _check_feature_choice(state.encoder, call)
+        return _run_vision(self, state.encoder, method, call)[0]
+
+    features.__name__ = method
+    return features
+
+
+def _forward(self: nn.Module, *args, **kwargs):
+    """The model's forward, encoding with DyMU first (and passing the VTU mapping)."""
+    kwargs = _named(type(self).forward, self, args, kwargs)
+    if any(kwargs.get(arg) is not None for arg, _, _ in _MODALITIES.values()):
+        kwargs = _encode(self, kwargs)
+    return call_prior(self, "forward", **kwargs)
+
+
+def _generate(self: nn.Module, *args, **kwargs):
+    """``generate()`` with images encoded by DyMU up front and the VTU mapping passed along
+    (transformers encodes images before the first forward call)."""
+    if args:  # generate(input_ids, ...): the prompt is its first argument, ``inputs``
+        kwargs, args = {"inputs": args[0], **kwargs}, args[1:]
+    if any(kwargs.get(arg) is not None for arg, _, _ in _MODALITIES.values()):
+        kwargs = _encode(_vlm(self), kwargs)
+    return call_prior(self, "generate", *args, **kwargs)
+
+
+def _encode(vlm: nn.Module, kwargs: dict) -> dict:
+    """Forward/generate arguments with the pixels replaced by DyMU's encoder outputs and,
+    with VTU, the mapping of the prompt (from the model's arrangement run on markers)."""
+    state: _State = vlm.__dict__[_STATE]
+    kwargs = dict(kwargs)
+    _check_feature_choice(state.encoder, kwargs)
+    input_ids = kwargs.get("input_ids", kwargs.get("inputs"))
+    if state.vtu and input_ids is None:
+        raise DyMUError("DyMU with VTU needs input_ids to find the image tokens")
+    outputs, keys, first_key = dict(kwargs.get("mm_encoder_outputs") or {}), None, 0
+    consumed: set[str] = set()
+    for modality, (arg, method, token) in _MODALITIES.items():
+        if kwargs.get(arg) is None:
+            continue
+        call = _method_kwargs(vlm, method, kwargs.pop(arg), kwargs)
+        consumed.update(call)
+        outputs[modality], out = _run_vision(vlm, state.encoder, method, call)
+        if state.vtu:
+            traced, _ = _run_vision(vlm, state.encoder, method, call, trace=(out, first_key))
+            first_key += int(out.lengths.sum())
+            found = read_markers(_sequence_rows(traced.pooler_output), first_key)
+            mask = input_ids == getattr(vlm.config, token)
+            placed = place_keys(mask, found, modality)
+            keys = placed if keys is None else torch.where(mask, placed, keys)
+    for name in consumed:  # image sizes and the like: only the encoding needed them
+        kwargs.pop(name, None)
+    kwargs["mm_encoder_outputs"] = outputs
+    if keys is not None:
+        kwargs["vtu_mapping"] = slot_mapping(keys)
+    return kwargs
+
+
+def _run_vision(
+    vlm: nn.Module,
+    encoder: DyMUEncoder,
+    method: str,
+    call: dict,
+    trace: tuple[EncoderOutput, int] | None = None,
+):
+    """Run the model's own ``get_image_features`` / ``get_video_features`` with DyMU in it.
+
+    For the length of the call the tower is stood in for by the DyMU encoder (which sees
+    exactly the crops or frames the tower would) and the projector's output by the projected
+    merged tokens expanded over their groups. With ``trace=(encoded, first_key)`` the
+    projector's output is marker rows instead and nothing is encoded. Returns the method's
+    output and the encoder output.
     """
-    num_images, per_image = groups.shape
-    found = int(is_image.sum())
-    if found != num_images * per_image:
-        raise DyMUError(
-            f"the prompts hold {found} image tokens but {num_images} images need "
-            f"{num_images * per_image} ({per_image} each)"
-        )
-    order = is_image.long().cumsum(1) - 1
-    last = is_image & (order % per_image == per_image - 1)
-    step = (~is_image).long()
-    step[last] = lengths.to(step.device)
-    base = step.cumsum(1) - step
-    within = torch.zeros_like(step)
-    within[is_image] = groups.reshape(-1).to(step.device)
-    return base + within
-
-
-def _forward(self: nn.Module, *args, pixel_values=None, input_ids=None, **kwargs):
-    """LlavaModel.forward with the DyMU vision path (and the VTU mapping) in front."""
-    state: _State = self.__dict__[_STATE]
-    if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
-        return type(self).forward(
-            self, *args, input_ids=input_ids, pixel_values=pixel_values, **kwargs
-        )
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    _check_feature_choice(state.encoder, kwargs)
-    param = next(state.encoder.parameters())
-    out = state.encoder(pixel_values.to(device=param.device, dtype=param.dtype))
-    merged = self.multi_modal_projector(out.tokens)  # (I, L, D_text): projector at merged length
-    features = expand_groups(merged, out.groups)  # each patch gets its group's feature
-    kwargs["mm_encoder_outputs"] = {
-        "image": BaseModelOutputWithPooling(pooler_output=list(features))
-    }
-    if state.vtu:
-        if input_ids is None:
-            raise DyMUError("DyMU with VTU needs input_ids to find the image tokens")
-        is_image = input_ids == self.config.image_token_id
-        kwargs["vtu_mapping"] = build_mapping(is_image, out.groups, out.lengths)
-    return type(self).forward(self, *args, input_ids=input_ids, **kwargs)
+    tower, projector = encoder.tower, vlm.multi_modal_projector
+    project = projector.forward  # the projector as it is now (a wrapper included)
+    record: dict[str, EncoderOutput] = {}
+
+    def tower_forward(pixel_values: torch.Tensor, *args, **kwargs):
+        record["out"] = trace[0] if trace is not None else encoder(pixel_values)
+        # shape-only stand-ins for the hidden states the model selects from
+        filler = pixel_values.new_zeros(()).expand(
+            pixel_values.shape[0], tower.num_tokens, tower.width
+        )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=filler, hidden_states=(filler,) * (tower.num_blocks + 1)
+        )
+
+    def projector_forward(selected: torch.Tensor) -> torch.Tensor:
+        out = record["out"]
+        if tuple(selected.shape[:2]) != tuple(out.groups.shape):
+            raise DyMUError(
+                f"{type(vlm).__name__} selected features of shape {tuple(selected.shape[:2])} "
+                f"where dymu encoded {tuple(out.groups.shape)}: this feature selection is not "
+                "supported"
+            )
+        if trace is not None:
+            width = vlm.config.text_config.hidden_size
+            return marker_rows(out.groups, out.lengths, width, first_key=trace[1])
+        return expand_groups(project(out.tokens), out.groups)
+
+    with temporarily(vlm.vision_tower, "forward", tower_forward):
+        with temporarily(projector, "forward", projector_forward):
+            result = call_prior(vlm, method, **call)
+    return result, record["out"]
+
+
+def _sequence_rows(features) -> torch.Tensor:
+    """The feature rows in the order the model scatters them into its placeholder tokens."""
+    if isinstance(features, (list, tuple)):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])
+
+
+def _named(func, vlm: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Every argument of a call of ``func`` (a method of ``vlm``'s class) by name."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(func).bind_partial(vlm, *args, **kwargs).arguments
+    named = {k: v for k, v in bound.items() if k != "self"}
+    named.update(named.pop("kwargs", {}))
+    return named
+
+
+def _method_kwargs(vlm: nn.Module, method: str, pixels: torch.Tensor, kwargs: dict) -> dict:
+    """Arguments for the feature method: the pixels, and what the forward call gave that the
+    method takes (image sizes, images per sample, ...)."""
+    params = list(inspect.signature(getattr(type(vlm), method)).parameters.values())[1:]
+    named = [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    call = {named[0]: pixels, "return_dict": True}
+    call.update({n: kwargs[n] for n in named[1:] if kwargs.get(n) is not None})
+    return call
 
 
 def _check_feature_choice(encoder: DyMUEncoder, kwargs: dict) -> None:
@@ -159,11 +283,17 @@ def _check_feature_choice(encoder: DyMUEncoder, kwargs: dict) -> None:
         )
 
 
-def _llava_model(model: nn.Module) -> nn.Module:
-    for candidate in (model, getattr(model, "model", None)):
-        if candidate is not None and all(
-            hasattr(candidate, n)
-            for n in ("vision_tower", "multi_modal_projector", "language_model")
-        ):
-            return candidate
-    raise DyMUError(f"{type(model).__name__} is not a transformers Llava model")
+def _vlm(model: nn.Module) -> nn.Module:
+    """The inner model (``LlavaModel`` and kin) of a supported class; others are refused."""
+    import transformers
+
+    outer = tuple(getattr(transformers, name) for name in _CLASSES)
+    inner = tuple(getattr(transformers, name) for name in _CLASSES.values())
+    if isinstance(model, outer):
+        return model.model
+    if isinstance(model, inner):
+        return model
+    raise DyMUError(
+        f"dymu's hf_llava supports {', '.join(_CLASSES)} (and their inner models), "
+        f"not {type(model).__name__}"
+    )

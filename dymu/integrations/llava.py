@@ -1,14 +1,17 @@
 """DyMU in the original LLaVA package (pip name ``llava-torch``), by tower name.
 
-After :func:`enable`, a LLaVA config with ``"mm_vision_tower": "ViT-L-14-336-tome"`` (any
-dymu name) builds a DyMU tower: open_clip weights from ``dymu_pretrained`` (default
-``openai``), thresholds from ``dymu_thresholds`` (default: looked up by name). With
-``"dymu_vtu": true`` (the default) each merged token is repeated over its patches and the
-Llama runs virtual token unmerging; with ``false`` the merged tokens are fed directly (a
-shorter prompt). LLaVA-1.6 anyres crops (unpadded, with newline tokens) are followed by
-tracing LLaVA's own arrangement (:func:`_trace`). Models with other towers behave exactly as
-before; :func:`disable` undoes everything. ``python -m dymu.integrations.llava
-llava.eval.model_vqa ARGS`` runs one of LLaVA's own scripts with DyMU enabled.
+After :func:`enable`, a LLaVA-Llama or LLaVA-Mistral config with
+``"mm_vision_tower": "ViT-L-14-336-tome"`` (any dymu name) builds a DyMU tower: open_clip
+weights from ``dymu_pretrained`` (default ``openai``), thresholds from ``dymu_thresholds``
+(default: looked up by name). Each merged token is repeated over its patches, so the prompt
+keeps LLaVA's own layout, and with ``"dymu_vtu": true`` (the default) the LM runs virtual
+token unmerging; with ``false`` it runs unchanged on that full-length prompt (as
+``vtu=False`` in :mod:`dymu.integrations.hf_llava`). ``"dymu_direct": true`` instead feeds
+the merged tokens directly (a shorter prompt, no VTU, one view per image). LLaVA-1.6 anyres
+crops (unpadded, with newline tokens) are followed by running LLaVA's own arrangement on
+markers (:mod:`dymu.layouts`). Models with other towers behave exactly as before;
+:func:`disable` puts back every class attribute as it was. ``python -m
+dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of LLaVA's scripts with DyMU.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ from torch import nn
 
 from ..errors import DyMUError
 from ..factory import load_encoder
+from ..layouts import marker_rows, read_markers, slot_mapping
 from ..names import resolve_name
 from ..vtu import apply_vtu, expand_groups
 
 IGNORE_INDEX = -100  # LLaVA's label for positions without a target
-_saved: dict[tuple[object, str], object] = {}
+SUPPORTED = {"llava_llama": "LLaVA-Llama", "llava_mistral": "LLaVA-Mistral"}
+_MISSING = object()
+_saved: dict[tuple[type, str], object] = {}  # what enable() replaced (_MISSING: nothing)
 
 
 class DyMULlavaTower(nn.Module):
@@ -42,7 +48,8 @@ class DyMULlavaTower(nn.Module):
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         self.pretrained = getattr(args, "dymu_pretrained", "openai")
         self.thresholds = getattr(args, "dymu_thresholds", None)
-        self.vtu = bool(getattr(args, "dymu_vtu", True))
+        self.direct = bool(getattr(args, "dymu_direct", False))
+        self.vtu = bool(getattr(args, "dymu_vtu", True)) and not self.direct
         vision = open_clip.get_model_config(resolve_name(name).base)["vision_cfg"]
         self.cfg_only = SimpleNamespace(
             hidden_size=vision["width"],
@@ -51,7 +58,7 @@ class DyMULlavaTower(nn.Module):
         )
         # groups and lengths of the last forward, read by the model right after (same call)
         self.last_groups: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.tracing = False  # encode_images returns position markers instead (see _trace)
+        self.tracing = False  # encode_images returns markers instead (see _trace)
         if not delay_load:
             self.load_model()
 
@@ -78,12 +85,12 @@ class DyMULlavaTower(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor | list[torch.Tensor]):
-        """``(B, P, D)`` features repeated per group (VTU), or a list of merged ``(L_i, D)``."""
+        """``(B, P, D)`` features repeated per group, or (direct) a list of merged ``(L_i, D)``."""
         if isinstance(images, list):
             images = torch.stack([i if i.dim() == 3 else i[0] for i in images])
         out = self.encoder(images.to(device=self.device, dtype=self.dtype))
         self.last_groups = (out.groups, out.lengths)
-        if not self.vtu:
+        if self.direct:
             return [t.to(images.dtype) for t in out.to_list()]
         return expand_groups(out.tokens, out.groups).to(images.dtype)
 
@@ -131,6 +138,15 @@ def _dymu_tower(model) -> DyMULlavaTower | None:
     return tower if isinstance(tower, DyMULlavaTower) else None
 
 
+def _check_language_model(cfg) -> None:
+    model_type = getattr(cfg, "model_type", "llava_llama")
+    if model_type not in SUPPORTED:
+        raise DyMUError(
+            f"dymu towers run in {' and '.join(SUPPORTED.values())} models, not {model_type} "
+            "(VTU needs rotary attention)"
+        )
+
+
 def enable() -> None:
     """Make LLaVA build DyMU towers for dymu names (idempotent; :func:`disable` undoes it)."""
     if _saved:
@@ -138,82 +154,78 @@ def enable() -> None:
     import llava.model.llava_arch as arch
     import llava.model.multimodal_encoder.builder as builder
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 
     original = builder.build_vision_tower
 
     def build_vision_tower(cfg, **kwargs):
         name = getattr(cfg, "mm_vision_tower", getattr(cfg, "vision_tower", None))
         if _is_dymu_name(name):
+            _check_language_model(cfg)
             return DyMULlavaTower(name, args=cfg, **kwargs)
         return original(cfg, **kwargs)
 
-    for owner, attr, value in (
+    patches = [
         (builder, "build_vision_tower", build_vision_tower),
         (arch, "build_vision_tower", build_vision_tower),
-        (LlavaLlamaForCausalLM, "forward", _forward),
-        (LlavaLlamaForCausalLM, "generate", _generate),
-        (LlavaLlamaForCausalLM, "encode_images", _encode_images),
-    ):
-        _saved[(owner, attr)] = owner.__dict__.get(attr, getattr(owner, attr))
+        (arch.LlavaMetaForCausalLM, "encode_images", _encode_images),
+    ]
+    for cls in (LlavaLlamaForCausalLM, LlavaMistralForCausalLM):
+        patches += [(cls, "forward", _forward), (cls, "generate", _generate)]
+    for owner, attr, value in patches:
+        _saved[(owner, attr)] = owner.__dict__.get(attr, _MISSING)
         setattr(owner, attr, value)
 
 
 def disable() -> None:
-    """Restore LLaVA as it was before :func:`enable`."""
+    """Put back every attribute :func:`enable` replaced, exactly (none is left behind)."""
     while _saved:
         (owner, attr), value = _saved.popitem()
-        setattr(owner, attr, value)
+        if value is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, value)
 
 
-def _llama():
-    from transformers import LlamaForCausalLM
+def _lm_class(model) -> type:
+    """The transformers ``*ForCausalLM`` a LLaVA class builds on (Llama, Mistral)."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers.") and cls.__name__.endswith("ForCausalLM"):
+            return cls
+    raise DyMUError(f"{type(model).__name__} has no transformers language model class")
 
-    return LlamaForCausalLM
 
-
-def _original(name: str):
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-
-    return _saved[(LlavaLlamaForCausalLM, name)]
+def _original(model, name: str):
+    """What ``name`` was on the patched class ``model`` is an instance of, bound to it."""
+    for cls in type(model).__mro__:
+        if (cls, name) in _saved:
+            value = _saved[(cls, name)]
+            if value is _MISSING:
+                return getattr(super(cls, model), name)
+            return value.__get__(model, type(model))
+    return getattr(model, name)
 
 
 def _encode_images(self, images):
     tower = _dymu_tower(self)
     if tower is not None and tower.tracing:
-        return _markers(images.shape[0], tower.last_groups[0].shape[1], self)
-    if tower is None or tower.vtu:
-        return _original("encode_images")(self, images)
+        groups, lengths = tower.last_groups
+        embed = self.get_model().embed_tokens.weight
+        return marker_rows(groups, lengths, embed.shape[1]).to(embed.dtype)
+    if tower is None or not tower.direct:
+        return _original(self, "encode_images")(images)
     projector = self.get_model().mm_projector
     return [projector(f) for f in tower(images)]
 
 
-# A marker row says which crop and patch a position holds: channels 0-3 are crop // 128,
-# crop % 128, patch // 128, patch % 128 (exact even in bf16), the rest -1.
-_SPLIT = 128
-
-
-def _markers(crops: int, patches: int, model) -> torch.Tensor:
-    """Stand-in features whose rows name their (crop, patch), for :func:`_trace`."""
-    embed = model.get_model().embed_tokens.weight
-    rows = torch.full((crops, patches, embed.shape[1]), -1.0, device=embed.device)
-    crop = torch.arange(crops, device=embed.device)[:, None].expand(crops, patches)
-    patch = torch.arange(patches, device=embed.device)[None, :].expand(crops, patches)
-    for channel, value in enumerate(
-        (crop // _SPLIT, crop % _SPLIT, patch // _SPLIT, patch % _SPLIT)
-    ):
-        rows[..., channel] = value
-    return rows.to(embed.dtype)
-
-
 def _trace(self, input_ids, attention_mask, images, image_sizes) -> torch.Tensor:
-    """``(B, N)``: which crop patch (``crop * P + patch``) each position of the sequence LLaVA
-    builds holds, -1 for text, padding and LLaVA's own image_newline tokens.
+    """``(B, N)``: the merged token each position of the sequence LLaVA builds holds (its
+    key, see :mod:`dymu.layouts`), -1 for text, padding and LLaVA's image_newline tokens.
 
     LLaVA's input preparation runs a second time with markers for features, so every
     arrangement it makes (anyres crops, unpadding, newlines) is followed, not re-implemented.
     """
     tower = _dymu_tower(self)
-    patches = tower.last_groups[0].shape[1]
     tower.tracing = True
     try:
         prepared = self.prepare_inputs_labels_for_multimodal(
@@ -221,30 +233,8 @@ def _trace(self, input_ids, attention_mask, images, image_sizes) -> torch.Tensor
         )
     finally:
         tower.tracing = False
-    rows = prepared[4].float()
-    is_marker = (rows[..., 4:] == -1).all(-1) & (prepared[2].bool())
-    crop = rows[..., 0] * _SPLIT + rows[..., 1]
-    patch = rows[..., 2] * _SPLIT + rows[..., 3]
-    return torch.where(is_marker, (crop * patches + patch).long(), -1)
-
-
-def trace_mapping(
-    origin: torch.Tensor, groups: torch.Tensor, lengths: torch.Tensor
-) -> torch.Tensor:
-    """Full position -> merged slot from :func:`_trace`'s origins (``-1``: a slot of its own).
-
-    ``groups (C, P)`` and ``lengths (C,)`` are the crops' merge groups. Positions of the same
-    crop and group share a slot; slots are numbered compactly per sample (a group that
-    LLaVA's unpadding removed entirely takes none).
-    """
-    num, width = origin.shape
-    crops, patches = groups.shape
-    first_slot = (lengths.cumsum(0) - lengths).to(origin.device)
-    flat = origin.clamp(min=0)
-    image_key = width + first_slot[flat // patches] + groups.to(origin.device).reshape(-1)[flat]
-    own_key = torch.arange(width, device=origin.device).expand(num, width)
-    keys = torch.where(origin >= 0, image_key, own_key)
-    return torch.stack([torch.unique(row, return_inverse=True)[1] for row in keys])
+    keys = read_markers(prepared[4], int(tower.last_groups[1].sum()))
+    return torch.where(prepared[2].bool(), keys, -1)
 
 
 def _prepare(
@@ -262,8 +252,7 @@ def _prepare(
             input_ids, position_ids, mask, past_key_values, marker, images, image_sizes
         )
     )
-    groups, lengths = _dymu_tower(self).last_groups
-    mapping = trace_mapping(_trace(self, input_ids, mask, images, image_sizes), groups, lengths)
+    mapping = slot_mapping(_trace(self, input_ids, mask, images, image_sizes))
     if labels is not None:
         text = placed >= 0
         labels = torch.where(text, labels.gather(1, placed.clamp(min=0)), IGNORE_INDEX)
@@ -275,12 +264,12 @@ def _uses_vtu(self, images) -> bool:
     tower = _dymu_tower(self)
     if tower is None or images is None:
         return False
+    if tower.direct and (isinstance(images, list) or images.ndim == 5):
+        raise DyMUError(
+            "dymu_direct: true feeds merged tokens, one view per image; several views per "
+            "image (anyres crops, LLaVA-1.6) need dymu_direct: false"
+        )
     if not tower.vtu:
-        if isinstance(images, list) or images.ndim == 5:
-            raise DyMUError(
-                "dymu_vtu: false feeds merged tokens, one view per image; several views per "
-                "image (anyres crops, LLaVA-1.6) need dymu_vtu: true"
-            )
         return False
     apply_vtu(self.get_model())  # idempotent: the Llama runs VTU when given a mapping
     return True
@@ -301,8 +290,7 @@ def _forward(
 ):
     if inputs_embeds is None and images is not None:
         if not _uses_vtu(self, images) or input_ids.shape[1] == 1:  # LLaVA's own path
-            return _original("forward")(
-                self,
+            return _original(self, "forward")(
                 input_ids,
                 attention_mask,
                 position_ids,
@@ -328,7 +316,7 @@ def _forward(
         input_ids = None
     if vtu_mapping is not None:
         kwargs["vtu_mapping"] = vtu_mapping
-    return _llama().forward(
+    return _lm_class(self).forward(
         self,
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -343,7 +331,7 @@ def _forward(
 @torch.no_grad()
 def _generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
     if not _uses_vtu(self, images):
-        return _original("generate")(self, inputs, images=images, image_sizes=image_sizes, **kwargs)
+        return _original(self, "generate")(inputs, images=images, image_sizes=image_sizes, **kwargs)
     from transformers.generation.utils import GenerationMixin
 
     position_ids = kwargs.pop("position_ids", None)

@@ -1,0 +1,117 @@
+"""VTU mappings from a VLM's own arrangement of visual features (DESIGN section 9).
+
+A VLM places the features of its crops and frames into the LLM sequence with its own code:
+AnyRes grids, unpadding, newline tokens, pooling, interpolation, several images per prompt.
+dymu never re-implements that code. An integration runs it twice: once on the merged
+features expanded to full grids (what the LLM gets), and once on *marker rows*
+(:func:`marker_rows`) in place of features. A marker row names, in a few of its channels,
+the merged token its patch belongs to. The arrangement code only selects, reshapes,
+concatenates and takes convex combinations of rows (bilinear interpolation, pooling), so a
+row that still reads as a marker after it (:func:`read_markers`) came from one merged token.
+A blend of several tokens, a newline token, or any other row reads as ``-1``: a slot of its
+own. :func:`slot_mapping` turns the keys of a whole sequence into the VTU mapping.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import DyMUError
+
+# A merged token's key k is written in base-8 digits d_i; each digit takes two channels,
+# d_i and d_i ** 2. A convex combination of rows with different digits has
+# mean(d ** 2) > mean(d) ** 2 (the variance of the blend), so blends are told apart from
+# pure rows. Digits stay below 8 and squares below 64, exact even in bfloat16.
+BASE = 8
+TAG = -1.0  # every channel after the digits; a newline or text row never has them all
+_TOL = 1e-4  # float32 rounding through interpolation stays well below it
+MIN_TAG_CHANNELS = 2
+
+
+def num_digits(num_keys: int) -> int:
+    """Base-8 digits needed for keys ``0 .. num_keys - 1``."""
+    digits = 1
+    while BASE**digits < num_keys:
+        digits += 1
+    return digits
+
+
+def marker_rows(
+    groups: torch.Tensor, lengths: torch.Tensor, dim: int, first_key: int = 0
+) -> torch.Tensor:
+    """``(C, P, dim)`` float32 rows standing in for the features of ``C`` crops or frames.
+
+    ``groups (C, P)`` gives each patch's merged token within its crop (``-1``: none) and
+    ``lengths (C,)`` the merged tokens per crop. Merged token ``g`` of crop ``c`` gets key
+    ``first_key + sum(lengths[:c]) + g``: every merged token of the batch has its own key.
+    A patch without a token gets a row that reads as ``-1``.
+    """
+    crops, patches = groups.shape
+    first = (lengths.cumsum(0) - lengths).to(groups.device) + first_key
+    keys = first[:, None] + groups  # (C, P)
+    digits = num_digits(int(keys.max()) + 1 if keys.numel() else 1)
+    if dim < 2 * digits + MIN_TAG_CHANNELS:
+        raise DyMUError(
+            f"features of width {dim} are too narrow to trace {int(keys.max()) + 1} merged "
+            f"tokens (need {2 * digits + MIN_TAG_CHANNELS} channels)"
+        )
+    rows = torch.full((crops, patches, dim), TAG, device=groups.device)
+    rest = keys.clamp(min=0)
+    for i in range(digits):  # least significant digit first
+        digit = (rest % BASE).float()
+        rows[..., 2 * i] = digit
+        rows[..., 2 * i + 1] = digit * digit
+        rest = rest // BASE
+    rows[groups < 0] = 0.0  # not a marker: no TAG channels
+    return rows
+
+
+def read_markers(rows: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The key each row names, ``-1`` for rows that are not one merged token's marker.
+
+    ``num_keys`` is the number of keys the markers were written for (it fixes the digits).
+    """
+    digits = num_digits(max(num_keys, 1))
+    rows = rows.float()
+    tagged = ((rows[..., 2 * digits :] - TAG).abs() < _TOL).all(-1)
+    value, square = rows[..., 0 : 2 * digits : 2], rows[..., 1 : 2 * digits : 2]
+    whole = value.round()
+    pure = ((value - whole).abs() < _TOL).all(-1) & ((square - value * value).abs() < _TOL).all(-1)
+    weights = BASE ** torch.arange(digits, device=rows.device)
+    keys = (whole.long() * weights).sum(-1)
+    return torch.where(tagged & pure, keys, -1)
+
+
+def place_keys(mask: torch.Tensor, keys: torch.Tensor, what: str = "image") -> torch.Tensor:
+    """``(B, N)`` keys: ``keys`` written in row-major order where ``mask`` is set, as
+    ``masked_scatter`` places features; ``-1`` elsewhere."""
+    found = int(mask.sum())
+    if found != keys.numel():
+        raise DyMUError(
+            f"the prompts hold {found} {what} tokens but the {what}s give {keys.numel()} features"
+        )
+    out = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    out[mask] = keys.to(mask.device)
+    return out
+
+
+def slot_mapping(keys: torch.Tensor) -> torch.Tensor:
+    """The VTU mapping (``(B, N)``: position -> slot) from per-position keys.
+
+    Positions with the same key ``>= 0`` share a slot; a position with key ``-1`` gets a slot
+    of its own. Slots are numbered in order of first appearance, so with nothing merged the
+    mapping is ``arange(N)`` in every row.
+    """
+    bsz, n = keys.shape
+    positions = torch.arange(n, device=keys.device).expand(bsz, n)
+    # first position holding each key, per row (keys offset per row so rows never collide)
+    num_keys = int(keys.max()) + 1 if keys.numel() else 0
+    flat = (keys + torch.arange(bsz, device=keys.device)[:, None] * num_keys).clamp(min=0)
+    first = torch.full((bsz * max(num_keys, 1),), n, device=keys.device, dtype=torch.long)
+    first.scatter_reduce_(0, flat[keys >= 0], positions[keys >= 0], reduce="amin")
+    # each position's representative: itself, or the first position of its key
+    rep = torch.where(keys >= 0, first[flat], positions)
+    # representatives are the positions that are their own; count them to number the slots
+    starts = (rep == positions).long()
+    slot_of = starts.cumsum(1) - 1
+    return slot_of.gather(1, rep)

@@ -1,0 +1,65 @@
+"""Instance patches that put back exactly what was there before.
+
+dymu replaces methods on instances only, never on classes. Whatever the instance held
+before (nothing, someone's wrapper, accelerate's hook) is kept beside the patch and put back
+by :func:`unpatch`; the patch itself reaches it through :func:`call_prior`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+_MISSING = object()
+
+
+def _key(name: str) -> str:
+    return f"_dymu_prior_{name}"
+
+
+def patch(obj: Any, name: str, func: Callable, bind: bool = True) -> None:
+    """Set ``obj.<name>`` to ``func`` (bound to ``obj`` unless ``bind=False``); idempotent
+    per name: a second patch keeps the first prior."""
+    if _key(name) not in obj.__dict__:
+        obj.__dict__[_key(name)] = obj.__dict__.get(name, _MISSING)
+    obj.__dict__[name] = types.MethodType(func, obj) if bind else func
+
+
+def unpatch(obj: Any, name: str) -> None:
+    """Put back what ``obj.<name>`` was before :func:`patch` (no-op when not patched)."""
+    prior = obj.__dict__.pop(_key(name), None)
+    if prior is None:
+        return
+    if prior is _MISSING:
+        obj.__dict__.pop(name, None)
+    else:
+        obj.__dict__[name] = prior
+
+
+def is_patched(obj: Any, name: str) -> bool:
+    return _key(name) in obj.__dict__
+
+
+def call_prior(obj: Any, name: str, *args, **kwargs):
+    """Call what ``obj.<name>`` was before the patch: an instance attribute, else the class's."""
+    prior = obj.__dict__.get(_key(name), _MISSING)
+    if prior is _MISSING:
+        return getattr(type(obj), name)(obj, *args, **kwargs)
+    return prior(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def temporarily(obj: Any, name: str, func: Callable) -> Iterator[None]:
+    """``obj.<name>`` is ``func`` (unbound) inside the block, exactly as before after it."""
+    had = name in obj.__dict__
+    before = obj.__dict__.get(name)
+    obj.__dict__[name] = func
+    try:
+        yield
+    finally:
+        if had:
+            obj.__dict__[name] = before
+        else:
+            obj.__dict__.pop(name, None)

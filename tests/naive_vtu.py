@@ -1,0 +1,54 @@
+"""Virtual token unmerging the slow way (DESIGN section 7): every layer's attention at full
+length on the expanded hidden states, group means with Python loops. The reference the
+patched LMs must agree with."""
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+
+def naive_group_mean(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """(N, C) -> (slots, C) with Python loops."""
+    slots = int(mapping.max()) + 1
+    out = torch.zeros(slots, x.shape[1])
+    for s in range(slots):
+        members = [i for i in range(len(mapping)) if int(mapping[i]) == s]
+        if members:
+            out[s] = sum(x[i] for i in members) / len(members)
+    return out
+
+
+def naive_logits(base, lm_head, embeds, mapping, attention_mask):
+    """Expand to full length, run the unpatched attention, average per group; loops only.
+
+    ``base`` is the decoder (``model.model`` of a ``*ForCausalLM``), ``lm_head`` its head.
+    """
+    bsz, n, _ = embeds.shape
+    slots = int(mapping.max()) + 1
+    position_ids = torch.arange(n)[None]
+    pos = base.rotary_emb(embeds, position_ids=position_ids)
+    mask = create_causal_mask(
+        config=base.config,
+        inputs_embeds=embeds,
+        attention_mask=attention_mask,
+        past_key_values=None,
+        position_ids=position_ids,
+    )
+
+    def per_sample_mean(x):  # (B, N, C) -> (B, slots, C)
+        out = torch.zeros(bsz, slots, x.shape[-1])
+        for b in range(bsz):
+            m = naive_group_mean(x[b], mapping[b])
+            out[b, : m.shape[0]] = m
+        return out
+
+    def expand(h):  # (B, slots, C) -> (B, N, C)
+        return torch.stack([h[b][mapping[b]] for b in range(bsz)])
+
+    h = per_sample_mean(embeds)
+    for layer in base.layers:
+        attn, _ = layer.self_attn(
+            expand(layer.input_layernorm(h)), position_embeddings=pos, attention_mask=mask
+        )
+        h = h + per_sample_mean(attn)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return lm_head(expand(base.norm(h)))
