@@ -49,10 +49,11 @@ def marker_rows(
     crops, patches = groups.shape
     first = (lengths.cumsum(0) - lengths).to(groups.device) + first_key
     keys = first[:, None] + groups  # (C, P)
-    digits = num_digits(int(keys.max()) + 1 if keys.numel() else 1)
+    num_keys = first_key + int(lengths.sum())  # what read_markers is given: same digits
+    digits = num_digits(num_keys)
     if dim < 2 * digits + MIN_TAG_CHANNELS:
         raise DyMUError(
-            f"features of width {dim} are too narrow to trace {int(keys.max()) + 1} merged "
+            f"features of width {dim} are too narrow to trace {num_keys} merged "
             f"tokens (need {2 * digits + MIN_TAG_CHANNELS} channels)"
         )
     rows = torch.full((crops, patches, dim), TAG, device=groups.device)
@@ -69,7 +70,7 @@ def marker_rows(
 def read_markers(rows: torch.Tensor, num_keys: int) -> torch.Tensor:
     """The key each row names, ``-1`` for rows that are not one merged token's marker.
 
-    ``num_keys`` is the number of keys the markers were written for (it fixes the digits).
+    ``num_keys`` is ``first_key + sum(lengths)`` of the markers written (it fixes the digits).
     """
     digits = num_digits(max(num_keys, 1))
     rows = rows.float()

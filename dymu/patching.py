@@ -38,10 +38,6 @@ def unpatch(obj: Any, name: str) -> None:
         obj.__dict__[name] = prior
 
 
-def is_patched(obj: Any, name: str) -> bool:
-    return _key(name) in obj.__dict__
-
-
 def call_prior(obj: Any, name: str, *args, **kwargs):
     """Call what ``obj.<name>`` was before the patch: an instance attribute, else the class's."""
     prior = obj.__dict__.get(_key(name), _MISSING)
