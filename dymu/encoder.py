@@ -7,18 +7,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .adapters.base import Inputs, TowerAdapter
+from .blocks import Merging, Tokens, run_block, threshold_merging
 from .errors import DyMUError
-from .merge import Packing, batch_rule, bipartite_scores, plan_merge, threshold_rule
+from .merge import Packing, batch_rule
 from .thresholds import Thresholds, TowerIdentity
 
 log = logging.getLogger(__name__)
-
-# A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
-Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -43,7 +40,8 @@ class DyMUEncoder(nn.Module):
     ``r`` is the per-block schedule (used for calibration; a block with ``r == 0`` never
     merges). ``select_layer`` follows transformers' ``hidden_states`` indexing (LLaVA uses
     -2): only the blocks up to it run. ``drop_cls`` removes the prefix tokens (class token,
-    registers) from the output: LLaVA's 'patch' features.
+    registers) from the output: LLaVA's 'patch' features. With ``fixed_r`` every image merges
+    exactly ``r[l]`` tokens in block ``l`` (ToMe, DESIGN 10) and no thresholds are needed.
     """
 
     def __init__(
@@ -55,6 +53,7 @@ class DyMUEncoder(nn.Module):
         drop_cls: bool = False,
         name: str | None = None,
         preprocess: Callable | None = None,
+        fixed_r: bool = False,
     ) -> None:
         super().__init__()
         self.tower = tower
@@ -70,6 +69,7 @@ class DyMUEncoder(nn.Module):
         self.select_layer = select_layer
         self.num_run = total if select_layer is None else select_layer % (total + 1)
         self.drop_cls = drop_cls
+        self.fixed_r = fixed_r
         self.num_prefix = tower.num_prefix_tokens
         # PIL image -> tower input: the model's own transform where known, else the family's
         self.preprocess: Callable = preprocess or tower.preprocess()
@@ -104,25 +104,21 @@ class DyMUEncoder(nn.Module):
 
     def forward(self, inputs: Inputs) -> EncoderOutput:
         """Encode images (pixels, or the dict a tower's processor gives); each keeps the
-        tokens its content needs."""
+        tokens its content needs (with ``fixed_r``: each keeps the same number)."""
+        r = self.r[: self.num_run]
         if not self.merges:
-            return self._run(inputs, [None] * self.num_run, reorder_all=False)
+            return self._run(inputs, [None] * self.num_run)
+        if self.fixed_r:
+            return self._run(inputs, [Merging(fixed_r=v) if v > 0 else None for v in r])
         if self.thresholds is None:
             raise DyMUError(
                 f"{self.name} has no thresholds: find them with `dymu-find-thresholds`, or pass "
                 "thresholds=FILE (r_total=0 encodes without merging)"
             )
-        taus = self.thresholds.merging_blocks()
         precision = next(self.tower.parameters()).dtype  # scores are rounded to it, so is tau
-        rules: list[Rule | None] = []
-        for r, tau in zip(self.r[: self.num_run], taus, strict=False):
-            if r > 0 and tau is not None:
-                tau = float(torch.tensor(tau).to(precision))
-                rules.append(lambda m, lengths, n, tau=tau: threshold_rule(m, tau))
-            else:
-                rules.append(None)
         # towers without prefix tokens reorder every image at every merging block (DESIGN 3)
-        return self._run(inputs, rules, reorder_all=self.num_prefix == 0)
+        merging = threshold_merging(self.thresholds, r, precision, self.num_prefix == 0)
+        return self._run(inputs, merging)
 
     def calibrate(
         self, inputs: Inputs, r: Sequence[int] | None = None
@@ -138,16 +134,16 @@ class DyMUEncoder(nn.Module):
         found: list[torch.Tensor | None] = [None] * total
         prefix = self.num_prefix
 
-        def make_rule(block: int) -> Rule:
+        def make_rule(block: int) -> Merging:
             def rule(node_max: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
                 per_image = min(r[block], (n - prefix) // 2)  # a cap on mergeable tokens
                 merged, found[block] = batch_rule(node_max, node_max.shape[0] * per_image)
                 return merged
 
-            return rule
+            return Merging(rule, reorder_all=True)
 
-        rules = [make_rule(b) if r[b] > 0 else None for b in range(total)]
-        out = self._run(inputs, rules, reorder_all=True, num_run=total, head=False)
+        merging = [make_rule(b) if r[b] > 0 else None for b in range(total)]
+        out = self._run(inputs, merging, num_run=total, head=False)
         device = out.tokens.device
         used = torch.tensor([t is not None for t in found], device=device)
         values = [
@@ -159,44 +155,31 @@ class DyMUEncoder(nn.Module):
     def _run(
         self,
         inputs: Inputs,
-        rules: Sequence[Rule | None],
-        reorder_all: bool,
+        merging: Sequence[Merging | None],
         num_run: int | None = None,
         head: bool = True,
     ) -> EncoderOutput:
         tower, prefix = self.tower, self.num_prefix
         num_run = self.num_run if num_run is None else num_run
         x, lengths, host_lengths, groups = self._embed(inputs)
-        dev, heads, dim = x.device, tower.num_heads, x.shape[-1]
-        packing = Packing.from_lengths(host_lengths, dev)
-        sizes: torch.Tensor | None = None  # (T,) float32 once anything merged
+        packing = Packing.from_lengths(host_lengths, x.device)
+        tokens = Tokens(x, packing, lengths, None, groups)
         block_lengths = []
         for block in range(num_run):
-            q, k, v = tower.qkv(block, x)
-            x = x + tower.attn_out(block, _attend(q, k, v, heads, packing, sizes))
-            rule = rules[block] if block < len(rules) else None
-            n = packing.width
-            if rule is not None and n - prefix >= 2:
-                metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
-                node_max, node_idx = bipartite_scores(metric, lengths, prefix)
-                merged = rule(node_max, lengths, n)
-                plan = plan_merge(merged, node_idx, lengths, n, prefix, reorder_all)
-                if plan is not None:
-                    after = Packing.from_lengths(list(plan.host_lengths), dev)
-                    x, sizes = plan.merge(x, sizes, packing, after)
-                    groups = plan.track(groups)
-                    lengths, packing = plan.lengths, after
-            x = x + tower.mlp(block, x)
-            block_lengths.append(lengths)
+            step = merging[block] if block < len(merging) else None
+            tokens = run_block(tower, block, tokens, step)
+            block_lengths.append(tokens.lengths)
+        sizes = tokens.sizes
         if sizes is None:
-            sizes = torch.ones(x.shape[0], device=dev, dtype=torch.float32)
-        tokens, sizes = packing.pad(x), packing.pad(sizes)
-        pooled = tower.pool(tokens, sizes) if head and num_run == tower.num_blocks else None
+            sizes = torch.ones(tokens.x.shape[0], device=x.device, dtype=torch.float32)
+        padded, sizes = tokens.packing.pad(tokens.x), tokens.packing.pad(sizes)
+        pooled = tower.pool(padded, sizes) if head and num_run == tower.num_blocks else None
+        lengths = tokens.lengths
         out = EncoderOutput(
-            tokens=tokens,
+            tokens=padded,
             lengths=lengths,
             sizes=sizes,
-            groups=groups,
+            groups=tokens.groups,
             pooled=pooled,
             block_lengths=torch.stack(block_lengths, 1) if block_lengths else lengths[:, None],
         )
@@ -234,50 +217,6 @@ def _to(inputs: Inputs, param: torch.Tensor) -> Inputs:
     if isinstance(inputs, torch.Tensor):
         return move(inputs)
     return {key: move(value) for key, value in inputs.items()}
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    packing: Packing,
-    sizes: torch.Tensor | None,
-) -> torch.Tensor:
-    """Multi-head attention on packed tokens, each image attending only to itself.
-
-    Proportional attention adds ``log(size)`` of every key as a broadcast ``(b, 1, 1, n)``
-    bias. Images of equal length share one batched call; otherwise one call per image, so
-    no image pays for the longest one.
-    """
-    lengths = packing.lengths
-    if len(set(lengths)) == 1:
-        return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
-    parts = zip(
-        q.split(lengths),
-        k.split(lengths),
-        v.split(lengths),
-        sizes.split(lengths) if sizes is not None else [None] * len(lengths),
-        lengths,
-        strict=True,
-    )
-    return torch.cat([_sdpa(qi, ki, vi, si, heads, 1, n) for qi, ki, vi, si, n in parts])
-
-
-def _sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    sizes: torch.Tensor | None,
-    heads: int,
-    bsz: int,
-    n: int,
-) -> torch.Tensor:
-    dim = q.shape[-1]
-    q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
-    bias = None if sizes is None else sizes.log().view(bsz, 1, 1, n).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return out.transpose(1, 2).reshape(bsz * n, dim)
 
 
 def _drop_prefix(out: EncoderOutput, prefix: int) -> EncoderOutput:

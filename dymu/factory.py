@@ -58,6 +58,7 @@ def build_encoder(
     select_layer: int | None = None,
     drop_cls: bool = False,
     seed: int = 0,
+    fixed_r: bool = False,
 ) -> DyMUEncoder:
     """An encoder without thresholds (what calibration starts from).
 
@@ -68,7 +69,8 @@ def build_encoder(
     same weights), an open_clip tag such as ``'openai'`` or a checkpoint path. Instances are
     used as they are (device, dtype and train/eval mode unchanged unless ``device``/``dtype``
     are given). Without ``r_total`` a name's own budget applies; folders and instances keep a
-    third of the patches.
+    third of the patches. With ``fixed_r`` every image merges exactly the schedule's ``r`` per
+    block (ToMe, DESIGN 10) and needs no thresholds.
     """
     source = _resolve(model, pretrained, seed, dtype, device)
     tower = source.tower
@@ -85,6 +87,7 @@ def build_encoder(
         drop_cls=drop_cls,
         name=source.name,
         preprocess=source.preprocess,
+        fixed_r=fixed_r,
     )
     encoder.pretrained = source.pretrained
     if isinstance(schedule, str):
@@ -108,10 +111,10 @@ def load_encoder(
     ``thresholds`` is a file, a :class:`Thresholds` or ``None`` (for dymu names: look the name
     up in the shipped ``thresholds/`` folder, then ``$DYMU_THRESHOLDS``). Thresholds made for
     another tower are refused. ``overrides`` go to :func:`build_encoder` (``r_total``,
-    ``schedule``, ``select_layer``, ``drop_cls``, ``seed``).
+    ``schedule``, ``select_layer``, ``drop_cls``, ``seed``, ``fixed_r``).
     """
     encoder = build_encoder(model, pretrained, device=device, dtype=dtype, **overrides)
-    if not encoder.merges:
+    if not encoder.merges or encoder.fixed_r:
         return encoder
     source = "thresholds"
     if thresholds is None:
@@ -153,7 +156,7 @@ def _resolve(model: ModelSource, pretrained: str | None, seed: int, dtype, devic
         )
     if isinstance(model, nn.Module):
         tower = find_tower(model)
-        return _Source(tower, _instance_name(tower.module), "unknown", None)
+        return _Source(tower, instance_name(tower.module), "unknown", None)
     text = os.fspath(model)
     if folder:
         from .hf_folder import load_vision_tower
@@ -206,7 +209,7 @@ def _look_up(model: ModelSource, encoder: DyMUEncoder) -> Path:
     return found
 
 
-def _instance_name(module: nn.Module) -> str:
+def instance_name(module: nn.Module) -> str:
     """How threshold files and messages name a tower given as an instance."""
     config = getattr(module, "config", None)
     path = getattr(config, "_name_or_path", "") or getattr(config, "name_or_path", "")

@@ -75,6 +75,23 @@ def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, t
     return merged.view_as(node_max), threshold
 
 
+def fixed_r_rule(node_max: torch.Tensor, r: int) -> torch.Tensor:
+    """Fixed-r rule (ToMe, DESIGN 10): each image merges its ``r`` best A tokens.
+
+    Per row, a stable descending sort of the scores (ties keep the lower index first); the
+    first ``r`` merge. The caller caps ``r`` at ``(n - num_prefix) // 2``, so every chosen
+    score is finite (a prefix or padding token is never chosen).
+    """
+    merged = torch.zeros_like(node_max, dtype=torch.bool)
+    return merged.scatter(-1, score_order(node_max)[:, :r], True)
+
+
+def score_order(node_max: torch.Tensor) -> torch.Tensor:
+    """A tokens by descending score, stable (ties keep the lower index first): ToMe's order
+    of the unmerged A tokens on towers without prefix tokens (DESIGN 10)."""
+    return node_max.argsort(dim=-1, descending=True, stable=True)
+
+
 @dataclass(frozen=True)
 class Packing:
     """Where each image's tokens sit in a packed ``(T, D)`` tensor (``T = sum(lengths)``).
@@ -100,12 +117,25 @@ class Packing:
     def width(self) -> int:
         return max(self.lengths)
 
+    @property
+    def uniform(self) -> bool:
+        """Every image has the same length: packing is a reshape."""
+        return len(set(self.lengths)) == 1
+
     def pad(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``(T, ...)`` -> ``(B, width, ...)`` with ``fill`` after each image's tokens."""
         shape = (len(self.lengths), self.width, *packed.shape[1:])
+        if self.uniform:
+            return packed.reshape(shape)
         out = packed.new_full(shape, fill)
         out[self.batch, self.pos] = packed
         return out
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """``(B, width, ...)`` -> ``(T, ...)``: each image's real tokens (inverse of ``pad``)."""
+        if self.uniform:
+            return padded.reshape(-1, *padded.shape[2:])
+        return padded[self.batch, self.pos]
 
 
 @dataclass(frozen=True)
@@ -155,14 +185,18 @@ def plan_merge(
     n: int,
     num_prefix: int = 0,
     reorder_all: bool = False,
+    a_order: torch.Tensor | None = None,
+    new_length: int | None = None,
 ) -> MergePlan | None:
     """Turn a merge decision over ``n`` current slots into new slots; ``None`` if nothing moves.
 
     New order per image: ``[prefix tokens, unmerged A tokens in order, other B tokens in
     order]``, padding last. An image without merges keeps its order unless ``reorder_all``
     (calibration, and inference on towers without prefix tokens: the reference's batch path).
-    Reads the new lengths back to the host in one small transfer: the only sync per merging
-    block, needed to size the shorter tensors.
+    ``a_order (B, Na)`` lays the unmerged A tokens out in that order of A indices instead of
+    by position (ToMe's score order, :func:`score_order`). Reads the new lengths back to the
+    host in one small transfer, the only sync per merging block, needed to size the shorter
+    tensors; fixed-r merging knows them beforehand (``new_length`` for every image) and skips it.
     """
     dev = merged.device
     pos = torch.arange(n, device=dev)
@@ -174,13 +208,17 @@ def plan_merge(
     n_keep = keep_a.sum(-1, keepdim=True)
     count = merged.sum(-1)
     new_lengths = lengths - count
-    *host_lengths, any_merge = torch.cat([new_lengths, count.max()[None]]).tolist()
-    if any_merge == 0 and not reorder_all:
-        return None
+    if new_length is not None:
+        host_lengths = [new_length] * merged.shape[0]
+    else:
+        *host_lengths, any_merge = torch.cat([new_lengths, count.max()[None]]).tolist()
+        if any_merge == 0 and not reorder_all:
+            return None
     length = max(host_lengths)
     # Step by step, for one image:
     # 1. prefix slots 0 .. num_prefix-1 keep their position;
-    # 2. kept A tokens follow, in position order: slot num_prefix + (rank among kept A);
+    # 2. kept A tokens follow, in position order (or in ``a_order``): slot
+    #    num_prefix + (rank among kept A);
     # 3. B tokens after them: B index j (position 2j+1) is the (j - num_prefix // 2)-th
     #    non-prefix B token (the first num_prefix // 2 B tokens are prefix tokens), so its
     #    slot is first_b + j - num_prefix // 2;
@@ -189,7 +227,7 @@ def plan_merge(
     first_b = num_prefix + n_keep
     b_offset = first_b - num_prefix // 2
     dest = torch.empty_like(real, dtype=torch.long)
-    slot_a = torch.where(keep_a, num_prefix + keep_a.cumsum(-1) - 1, length)
+    slot_a = torch.where(keep_a, num_prefix + _rank_among(keep_a, a_order), length)
     dest[:, ::2] = torch.where(merged, b_offset + node_idx, slot_a)
     b_index = torch.arange(move_b.shape[1], device=dev)[None, :]
     dest[:, 1::2] = torch.where(move_b, b_offset + b_index, length)
@@ -198,3 +236,12 @@ def plan_merge(
         identity = torch.where(real, pos[None, :], length)
         dest = torch.where((count > 0)[:, None], dest, identity)
     return MergePlan(dest, new_lengths, tuple(host_lengths))
+
+
+def _rank_among(keep: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """For every kept A token, how many kept A tokens come before it: in position order, or
+    in ``order`` (gather the kept flags in that order, count them, scatter the counts back)."""
+    if order is None:
+        return keep.cumsum(-1) - 1
+    before = keep.gather(-1, order).cumsum(-1) - 1
+    return torch.empty_like(before).scatter_(-1, order, before)

@@ -51,3 +51,36 @@ def _linear(r_total: int, num_blocks: int) -> list[int]:
         k += 1
     r.append(r_total - total)
     return r + [0] * (num_blocks - len(r))
+
+
+# ToMe's ways of giving r: one int for every block, a list (one per block; zeros are appended
+# up to the block count) or an ``(r, inflection)`` pair
+ToMeR = int | list[int] | tuple[int, float]
+
+
+def tome_schedule(r: ToMeR, num_blocks: int) -> list[int]:
+    """ToMe's ``r`` as one entry per block (ToMe's ``parse_r``, DESIGN 10).
+
+    ``(r, inflection)``: a straight line from ``int(r * (1 - inflection))`` to twice ``r``
+    minus that, truncated per block, so ``inflection = 0`` is constant ``r`` and ``-1`` the
+    paper's decreasing schedule ``2r .. 0``.
+    """
+    if isinstance(r, bool) or not isinstance(r, int | list | tuple):
+        raise DyMUError(f"r must be an int, a list or an (r, inflection) pair, not {r!r}")
+    if isinstance(r, list):
+        if len(r) > num_blocks or any(not isinstance(v, int) or v < 0 for v in r):
+            raise DyMUError(
+                f"a list r needs at most {num_blocks} non-negative ints (one per block), got {r}"
+            )
+        return [int(v) for v in r] + [0] * (num_blocks - len(r))
+    inflection = 0.0
+    if isinstance(r, tuple):
+        if len(r) != 2 or not -1.0 <= float(r[1]) <= 1.0:
+            raise DyMUError(f"a tuple r is (r, inflection) with inflection in [-1, 1], got {r}")
+        r, inflection = int(r[0]), float(r[1])
+    if r < 0:
+        raise DyMUError(f"r must be >= 0, got {r}")
+    low = int(r * (1.0 - inflection))
+    high = 2 * r - low
+    step = (high - low) / max(num_blocks - 1, 1)
+    return [int(low + step * i) for i in range(num_blocks)]

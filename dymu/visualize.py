@@ -94,9 +94,34 @@ def side_by_side(
 def merge_picture(encoder, inputs, out, caption: str, index: int = 0) -> Image.Image:
     """Image ``index`` of an encoder's batch beside its merged groups: every patch of the
     tower's own grid (SigLIP2: each image's), prefix tokens left out."""
-    tower = encoder.tower
+    first = 0 if encoder.drop_cls else encoder.tower.num_prefix_tokens
+    return _picture(
+        encoder.tower, inputs, out.groups[index], first, encoder.preprocess, caption, index
+    )
+
+
+def tome_picture(
+    model, inputs, index: int = 0, preprocess: Callable | None = None, caption: str = ""
+) -> Image.Image:
+    """Image ``index`` of the last batch a model patched with ``apply_tome(...,
+    trace_source=True)`` saw, beside its merged groups (as ``dymu-encode --show`` draws them).
+    ``preprocess`` is the transform that made ``inputs`` (its mean/std undo the normalisation;
+    default: the tower family's)."""
+    state = getattr(model, "dymu_tome", None)
+    if state is None or state.groups is None:
+        raise DyMUError("patch with dymu.apply_tome(model, trace_source=True) and run it first")
+    tower = state.tower
+    if index >= state.groups.shape[0]:
+        raise DyMUError(f"the last batch had {state.groups.shape[0]} images, not {index + 1}")
+    if not caption:
+        caption = f"{int(state.lengths[index])} tokens"
+    preprocess = preprocess or tower.preprocess()
+    prefix = tower.num_prefix_tokens
+    return _picture(tower, inputs, state.groups[index], prefix, preprocess, caption, index)
+
+
+def _picture(tower, inputs, groups, first, preprocess, caption, index) -> Image.Image:
     rows, cols = tower.patch_grid(inputs, index)
-    first = 0 if encoder.drop_cls else tower.num_prefix_tokens
-    groups = out.groups[index, first : first + rows * cols]
-    image = shown_image(tower.image_tensor(inputs, index), encoder.preprocess)
+    groups = groups[first : first + rows * cols]
+    image = shown_image(tower.image_tensor(inputs, index), preprocess)
     return side_by_side(image, groups, caption, (rows, cols))

@@ -121,10 +121,12 @@ def test_merging_generates_with_different_token_counts(calibrated):
     assert out.shape == (2, ids.shape[1] + 3)
 
 
-def test_patched_model_equals_the_pipeline_by_hand(calibrated):
+@pytest.mark.parametrize("mode", ["thresholds", "fixed r"])
+def test_patched_model_equals_the_pipeline_by_hand(calibrated, mode):
     model = build()
     x, ids = pixels([checkerboard(), noise()]), prompts(2)
-    enc = hf_llava.build_encoder(model, calibrated)
+    how = {"thresholds": calibrated} if mode == "thresholds" else {"r": 3}
+    enc = hf_llava.build_encoder(model, **how)
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     with torch.no_grad():
@@ -139,9 +141,20 @@ def test_patched_model_equals_the_pipeline_by_hand(calibrated):
             mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)},
         ).logits
         dymu.remove_vtu(lm)
-        hf_llava.apply(model, calibrated)
+        hf_llava.apply(model, **how)
         got = model(input_ids=ids, pixel_values=x).logits
     assert torch.allclose(got, manual, atol=1e-5)
+    if mode == "fixed r":  # 17 tokens, 2 blocks run, each merges min(3, (n - 1) // 2)
+        assert out.lengths.tolist() == [17 - 3 - 3 - 1] * 2
+    else:
+        assert out.lengths[0] < out.lengths[1]
+
+
+def test_thresholds_or_r_one_of_them():
+    with pytest.raises(dymu.DyMUError, match="not both"):
+        hf_llava.apply(build(), never_merge(None), r=2)
+    with pytest.raises(dymu.DyMUError, match="needs thresholds"):
+        hf_llava.apply(build())
 
 
 def test_image_token_count_mismatch_is_a_clear_error(calibrated):

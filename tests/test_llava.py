@@ -49,7 +49,7 @@ def build(thresholds, vtu=True, tower=NAME, family="llama", **extra):
         mm_vision_select_layer=-2,
         mm_vision_select_feature="patch",
         dymu_pretrained="none",
-        dymu_thresholds=str(thresholds),
+        dymu_thresholds=str(thresholds) if thresholds else None,
         dymu_vtu=vtu,
         attn_implementation="sdpa",
         **extra,
@@ -104,6 +104,25 @@ def test_vtu_forward_equals_the_sequence_built_by_hand(thresholds, enabled, fami
         manual = model(inputs_embeds=embeds, vtu_mapping=mapping[None]).logits
     assert got.shape == (1, 2 + 64 + 2, 64)
     assert torch.allclose(got, manual, atol=1e-5)
+
+
+def test_fixed_r_tower_keeps_every_image_at_one_length(thresholds, enabled):
+    model = build(None, dymu_r=4)
+    tower = model.get_model().get_vision_tower()
+    ids = torch.tensor([[1, 5, IMAGE, 7, 8]] * 2)
+    x = images(model)
+    with torch.no_grad():
+        got = model(input_ids=ids, images=x).logits
+        groups, lengths = tower.last_groups
+        embeds = around_image(model, ids[:1], model.get_model().mm_projector(tower(x))[1])
+        n = int(lengths[1])
+        mapping = torch.cat([torch.tensor([0, 1]), 2 + groups[1], torch.tensor([2 + n, 3 + n])])
+        manual = model(inputs_embeds=embeds, vtu_mapping=mapping[None]).logits
+    # 65 tokens, 3 blocks run (select layer -2), 4 merged in each, then the class token dropped
+    assert lengths.tolist() == [65 - 3 * 4 - 1] * 2
+    assert torch.allclose(got[1:], manual, atol=1e-5)
+    with pytest.raises(dymu.DyMUError, match="not both"):
+        build(thresholds, dymu_r=4)
 
 
 def test_without_vtu_the_llm_runs_unchanged_on_repeated_features(thresholds, enabled):

@@ -1,5 +1,6 @@
 """Every tower family against its unmodified model: open_clip SigLIP (timm trunk), a timm
-register ViT, and transformers CLIP, SigLIP, SigLIP2 and ViT, all tiny and random."""
+register ViT, and transformers CLIP, SigLIP, SigLIP2, ViT and DINOv2 (plain, and with
+registers and SwiGLU), all tiny and random."""
 
 from __future__ import annotations
 

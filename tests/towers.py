@@ -70,6 +70,25 @@ def hf_vit() -> nn.Module:
     return ViTModel(ViTConfig(image_size=SIZE, **hf_shape()))
 
 
+def _dinov2_config(config_cls: type, **extra):
+    """A tiny DINOv2 config: ``mlp_ratio`` instead of ``intermediate_size``, layer scale not 1."""
+    shape = {k: v for k, v in hf_shape().items() if k != "intermediate_size"}
+    return config_cls(image_size=SIZE, mlp_ratio=2, layerscale_value=0.5, **shape, **extra)
+
+
+def hf_dinov2() -> nn.Module:
+    from transformers import Dinov2Config, Dinov2Model
+
+    return Dinov2Model(_dinov2_config(Dinov2Config))
+
+
+def hf_dinov2_reg() -> nn.Module:
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    config = _dinov2_config(Dinov2WithRegistersConfig, num_register_tokens=4, use_swiglu_ffn=True)
+    return Dinov2WithRegistersModel(config)
+
+
 def open_clip_siglip() -> nn.Module:
     import open_clip
 
@@ -89,6 +108,8 @@ BUILDERS = {
     "hf SigLIP": hf_siglip,
     "hf SigLIP2": hf_siglip2,
     "hf ViT": hf_vit,
+    "hf DINOv2": hf_dinov2,
+    "hf DINOv2 reg4": hf_dinov2_reg,
 }
 
 

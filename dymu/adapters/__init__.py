@@ -22,6 +22,7 @@ ADAPTERS = (
     "hf_siglip:HFSiglipTower",
     "hf_siglip:HFSiglip2Tower",
     "hf_vit:HFViTTower",
+    "hf_dinov2:Dinov2Tower",
 )
 
 __all__ = [

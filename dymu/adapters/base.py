@@ -91,6 +91,16 @@ class TowerAdapter(nn.Module, metaclass=ABCMeta):
         """The tower's image embedding from its final padded tokens ``(B, L, D)`` and their
         sizes ``(B, L)`` (0 on padding); ``None`` if the tower has no head."""
 
+    def sized_heads(
+        self, sizes: Callable[[], torch.Tensor | None]
+    ) -> list[tuple[Any, str, Callable]]:
+        """Instance patches that let the tower's own pooling see merged tokens with their
+        sizes (DESIGN 8), for :func:`dymu.apply_tome`: ``(object, method name, function)``,
+        each function taking the object first. ``sizes()`` gives the last forward's padded
+        sizes ``(B, L)`` (0 on padding), ``None`` while nothing merged. Class-token heads need
+        none; a head that cannot take sizes raises :class:`DyMUError`."""
+        return []
+
     @property
     def num_patches(self) -> int:
         return self.num_tokens - self.num_prefix_tokens

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import Siglip2VisionModel, SiglipVisionModel
 
 from ..errors import DyMUError
+from ..patching import call_prior
 from .base import HALF, Inputs, size_bias
 from .hf_clip import HFEncoderLayers
 
@@ -57,6 +58,18 @@ class HFSiglipTower(HFEncoderLayers):
             return None
         return map_head(self.core.head, self.core.post_layernorm(tokens), sizes)
 
+    def sized_heads(self, sizes: Callable[[], torch.Tensor | None]) -> list:
+        if not getattr(self.core, "use_head", False):
+            return []
+
+        def forward(head: nn.Module, hidden_state: torch.Tensor) -> torch.Tensor:
+            current = sizes()
+            if current is None:
+                return call_prior(head, "forward", hidden_state)
+            return map_head(head, hidden_state, current)
+
+        return [(self.core.head, "forward", forward)]
+
 
 class HFSiglip2Tower(HFSiglipTower):
     """A transformers ``Siglip2VisionModel``. Its input is the processor's dict: patches
@@ -80,6 +93,12 @@ class HFSiglip2Tower(HFSiglipTower):
         if not bool((mask.cumprod(1).sum(1) == lengths).all()):
             raise DyMUError("pixel_attention_mask must mark each image's patches first")
         return lengths
+
+    def sized_heads(self, sizes: Callable[[], torch.Tensor | None]) -> list:
+        raise DyMUError(
+            "apply_tome cannot patch a Siglip2VisionModel (its inputs are padded patch "
+            "sequences); use dymu.load_encoder for it"
+        )
 
     def patch_grid(self, inputs: Inputs, index: int) -> tuple[int, int]:
         rows, cols = _siglip2_inputs(inputs)["spatial_shapes"][index].tolist()

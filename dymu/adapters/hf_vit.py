@@ -10,7 +10,32 @@ from ..errors import DyMUError
 from .base import HALF, Inputs, TowerAdapter, pair
 
 
-class HFViTTower(TowerAdapter):
+class HFViTLayers(TowerAdapter):
+    """Towers with ViT's embeddings (``embeddings.patch_embeddings.projection``) and layers
+    whose attention has q/k/v projections after a pre-norm named ``pre_norm``: transformers'
+    ViT and DINOv2."""
+
+    pre_norm: str  # the layer's norm before attention
+
+    @property
+    def module(self) -> nn.Module:
+        return self.tower
+
+    @property
+    def patch_weight(self) -> torch.Tensor:
+        return self.tower.embeddings.patch_embeddings.projection.weight
+
+    def embed(self, inputs: Inputs) -> torch.Tensor:
+        return self.tower.embeddings(inputs)
+
+    def qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        layer = self.blocks[block]
+        h = getattr(layer, self.pre_norm)(x)
+        attn = layer.attention
+        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+
+
+class HFViTTower(HFViTLayers):
     """A transformers ``ViTModel`` (transformers 5 layout: ``layers``, q/k/v/o projections)."""
 
     family = "transformers ViTModel"
@@ -18,6 +43,7 @@ class HFViTTower(TowerAdapter):
     image_std = HALF
     resize_mode = "squash"
     interpolation = "bilinear"
+    pre_norm = "layernorm_before"
 
     def __init__(self, tower: nn.Module) -> None:
         super().__init__()
@@ -38,23 +64,6 @@ class HFViTTower(TowerAdapter):
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
         return isinstance(module, ViTModel) and hasattr(module, "layers")
-
-    @property
-    def module(self) -> nn.Module:
-        return self.tower
-
-    @property
-    def patch_weight(self) -> torch.Tensor:
-        return self.tower.embeddings.patch_embeddings.projection.weight
-
-    def embed(self, inputs: Inputs) -> torch.Tensor:
-        return self.tower.embeddings(inputs)
-
-    def qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        layer = self.blocks[block]
-        h = layer.layernorm_before(x)
-        attn = layer.attention
-        return attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
 
     def attn_out(self, block: int, out: torch.Tensor) -> torch.Tensor:
         layer = self.blocks[block]

@@ -10,6 +10,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from ..errors import DyMUError
+from ..patching import call_prior
 from .base import Inputs, TowerAdapter, pair, weighted_mean
 
 
@@ -82,6 +83,21 @@ class OpenCLIPTower(TowerAdapter):
             pooled = weighted_mean(patches, sizes[:, 1:])
             pooled = v.ln_post(pooled) if v.final_ln_after_pool else pooled
         return pooled @ v.proj if v.proj is not None else pooled
+
+    def sized_heads(self, sizes: Callable[[], torch.Tensor | None]) -> list:
+        v = self.visual
+        if v.attn_pool is not None:
+            raise DyMUError("an open_clip tower with an attention pool (CoCa) cannot take sizes")
+        if v.pool_type != "avg":
+            return []
+
+        def global_pool(visual: nn.Module, x: torch.Tensor):
+            current = sizes()
+            if current is None:
+                return call_prior(visual, "_global_pool", x)
+            return weighted_mean(x[:, 1:], current[:, 1:]), x[:, 1:]
+
+        return [(v, "_global_pool", global_pool)]
 
     def preprocess(self, mean=None, std=None) -> Callable:
         """open_clip's own eval transform for this tower (its ``preprocess_cfg``)."""

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import DyMUError
+from ..patching import call_prior
 from .base import HALF, Inputs, TowerAdapter, pair, size_bias, split_heads, weighted_mean
 
 log = logging.getLogger(__name__)
@@ -103,24 +104,39 @@ class TimmViTTower(TowerAdapter):
 
     def pool(self, tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor | None:
         """timm's ``forward_head`` (1.0) on merged tokens: the final norm, then the pool with
-        sizes (the MAP head with ``log(size)`` logits, size-weighted means), then the head;
-        inside open_clip's ``TimmModel`` its projection head last."""
+        sizes, then the head; inside open_clip's ``TimmModel`` its projection head last."""
         if not self.pool_kind:  # no head, or timm's '' (tokens only)
             return None
         t = self.trunk
-        x = t.norm(tokens)
-        prefix = 0 if t.pool_include_prefix else self.num_prefix_tokens
-        if self.pool_kind == "map":
-            x = t.attn_pool(x[:, prefix:], attn_mask=size_bias(sizes[:, prefix:], x.dtype))
-        elif self.pool_kind == "token":
-            x = x[:, 0]
-        elif self.pool_kind:
-            x, real = x[:, prefix:], sizes[:, prefix:] > 0
-            mean = weighted_mean(x, sizes[:, prefix:])
-            peak = x.masked_fill(~real[..., None], float("-inf")).amax(1)
-            x = {"avg": mean, "max": peak, "avgmax": 0.5 * (peak + mean)}[self.pool_kind]
+        x = self._sized_pool(t.norm(tokens), sizes)
         x = t.head(t.head_drop(t.fc_norm(x)))
         return self.tower.head(x) if self.tower is not t else x
+
+    def _sized_pool(self, x: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """timm's ``VisionTransformer.pool`` with sizes: the MAP head with ``log(size)``
+        logits, size-weighted means, maxima over real tokens only."""
+        t = self.trunk
+        prefix = 0 if t.pool_include_prefix else self.num_prefix_tokens
+        if self.pool_kind == "map":
+            return t.attn_pool(x[:, prefix:], attn_mask=size_bias(sizes[:, prefix:], x.dtype))
+        if self.pool_kind == "token":
+            return x[:, 0]
+        x, real = x[:, prefix:], sizes[:, prefix:] > 0
+        mean = weighted_mean(x, sizes[:, prefix:])
+        peak = x.masked_fill(~real[..., None], float("-inf")).amax(1)
+        return {"avg": mean, "max": peak, "avgmax": 0.5 * (peak + mean)}[self.pool_kind]
+
+    def sized_heads(self, sizes: Callable[[], torch.Tensor | None]) -> list:
+        if self.pool_kind in (None, "token"):
+            return []
+
+        def pool(trunk: nn.Module, x: torch.Tensor, pool_type: str | None = None):
+            current = sizes()
+            if current is None or pool_type not in (None, self.pool_kind):
+                return call_prior(trunk, "pool", x, pool_type)
+            return self._sized_pool(x, current)
+
+        return [(self.trunk, "pool", pool)]
 
     def preprocess(self, mean=None, std=None) -> Callable:
         if self.tower is not self.trunk:  # open_clip's own transform for its towers

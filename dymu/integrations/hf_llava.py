@@ -2,16 +2,17 @@
 ``LlavaNextForConditionalGeneration`` (LLaVA-1.6 / NeXT) and
 ``LlavaOnevisionForConditionalGeneration`` (images, multi-image, video).
 
-``apply(model, thresholds=...)`` patches the instance. Every crop and frame the model would
-feed its vision tower goes through the DyMU encoder over the tower's own weights, in one
-padded batch; the projector runs on the merged tokens. Everything after the projector
-(AnyRes grids, unpadding, newline tokens, video pooling, anyres_max interpolation) is the
-model's own code, run on the merged features expanded to full grids, so the prompt keeps the
-unmodified model's layout and length. With ``vtu=True`` the language model runs virtual
-token unmerging; its mapping comes from the same code run on markers (:mod:`dymu.layouts`).
-With ``vtu=False`` the language model runs unchanged on that full-length prompt (the
-encoder's effect alone). ``model.generate(**processor(...))`` works unchanged; ``remove``
-puts back exactly what was there.
+``apply(model, thresholds=...)`` patches the instance (``apply(model, r=...)``: ToMe's fixed
+``r`` per block instead, every image at the same length, for comparisons at equal budget).
+Every crop and frame the model would feed its vision tower goes through the DyMU encoder
+over the tower's own weights, in one padded batch; the projector runs on the merged tokens.
+Everything after the projector (AnyRes grids, unpadding, newline tokens, video pooling,
+anyres_max interpolation) is the model's own code, run on the merged features expanded to
+full grids, so the prompt keeps the unmodified model's layout and length. With ``vtu=True``
+the language model runs virtual token unmerging; its mapping comes from the same code run on
+markers (:mod:`dymu.layouts`). With ``vtu=False`` the language model runs unchanged on that
+full-length prompt (the encoder's effect alone). ``model.generate(**processor(...))`` works
+unchanged; ``remove`` puts back exactly what was there.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..encoder import DyMUEncoder, EncoderOutput
 from ..errors import DyMUError
 from ..layouts import marker_rows, place_keys, read_markers, slot_mapping
 from ..patching import call_prior, patch, temporarily, unpatch
-from ..schedule import make_schedule
+from ..schedule import ToMeR, make_schedule, tome_schedule
 from ..thresholds import Thresholds
 from ..vtu import apply_vtu, expand_groups, forward_with_mapping, remove_vtu
 
@@ -56,12 +57,14 @@ def build_encoder(
     thresholds: str | os.PathLike | Thresholds | None = None,
     r_total: int = 0,
     schedule: str | list[int] = "constant",
+    r: ToMeR | None = None,
 ) -> DyMUEncoder:
     """The DyMU encoder over a LLaVA model's vision tower (also what calibration runs on).
 
     It follows the model's feature layer and class-token choice. With ``thresholds``, their
-    per-block ``r`` is the schedule; without, ``r_total`` and ``schedule`` give one (for
-    :func:`dymu.find_thresholds`).
+    per-block ``r`` is the schedule; with ``r`` (ToMe's int, list or ``(r, inflection)``)
+    every image merges exactly that many tokens per block; with neither, ``r_total`` and
+    ``schedule`` give one (for :func:`dymu.find_thresholds`).
     """
     vlm = _vlm(model)
     layer = vlm.config.vision_feature_layer
@@ -69,30 +72,44 @@ def build_encoder(
         raise DyMUError(f"dymu supports one vision feature layer, this model uses {layer}")
     tower = adapt(vlm.vision_tower)
     drop_cls = vlm.config.vision_feature_select_strategy == "default"
+    if thresholds is not None and r is not None:
+        raise DyMUError("give thresholds (DyMU) or r (fixed-r ToMe), not both")
     if thresholds is not None and not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.load(thresholds)
+    name = "hf-llava-tome"
     if thresholds is not None:
-        r, name = thresholds.r.tolist(), thresholds.metadata.get("model", "hf-llava-tome")
+        per_block, name = thresholds.r.tolist(), thresholds.metadata.get("model", name)
+    elif r is not None:
+        per_block = tome_schedule(r, tower.num_blocks)
     else:
-        r, name = make_schedule(r_total, tower.num_blocks, schedule), "hf-llava-tome"
-    encoder = DyMUEncoder(tower, r, select_layer=layer, drop_cls=drop_cls, name=name)
+        per_block = make_schedule(r_total, tower.num_blocks, schedule)
+    encoder = DyMUEncoder(
+        tower, per_block, select_layer=layer, drop_cls=drop_cls, name=name, fixed_r=r is not None
+    )
     if thresholds is not None:
         encoder.set_thresholds(thresholds)
     return encoder.eval()
 
 
 def apply(
-    model: nn.Module, thresholds: str | os.PathLike | Thresholds, vtu: bool = True
+    model: nn.Module,
+    thresholds: str | os.PathLike | Thresholds | None = None,
+    vtu: bool = True,
+    r: ToMeR | None = None,
 ) -> nn.Module:
     """Patch a transformers LLaVA, LLaVA-NeXT or LLaVA-OneVision model in place; idempotent.
 
+    ``thresholds``: DyMU, each image keeps the tokens its content needs. ``r`` instead: ToMe's
+    fixed number merged per block (every image keeps the same number).
     ``vtu=True``: the language model (Llama, Mistral, Qwen2, ...) runs virtual unmerging.
     ``vtu=False``: it runs unchanged on the full-length prompt of repeated merged features.
     """
     vlm = _vlm(model)
     if _STATE in vlm.__dict__:
         return model
-    encoder = build_encoder(model, thresholds)
+    if thresholds is None and r is None:
+        raise DyMUError("hf_llava.apply needs thresholds=FILE (DyMU) or r=... (fixed-r ToMe)")
+    encoder = build_encoder(model, thresholds, r=r)
     if vtu:
         apply_vtu(vlm.language_model)
     # kept out of the module tree: the encoder reads the tower's own parameters

@@ -7,7 +7,9 @@ weights from ``dymu_pretrained`` (default ``openai``), thresholds from ``dymu_th
 keeps LLaVA's own layout, and with ``"dymu_vtu": true`` (the default) the LM runs virtual
 token unmerging; with ``false`` it runs unchanged on that full-length prompt (as
 ``vtu=False`` in :mod:`dymu.integrations.hf_llava`). ``"dymu_direct": true`` instead feeds
-the merged tokens directly (a shorter prompt, no VTU, one view per image). LLaVA-1.6 anyres
+the merged tokens directly (a shorter prompt, no VTU, one view per image). ``"dymu_r": 16``
+(or a list, one per block) merges that many tokens per block in every image instead of
+using thresholds (ToMe's fixed r, for comparisons at equal budget). LLaVA-1.6 anyres
 crops (unpadded, with newline tokens) are followed by running LLaVA's own arrangement on
 markers (:mod:`dymu.layouts`). Models with other towers behave exactly as before;
 :func:`disable` puts back every class attribute as it was. ``python -m
@@ -29,6 +31,7 @@ from ..errors import DyMUError
 from ..factory import load_encoder
 from ..layouts import marker_rows, read_markers, slot_mapping
 from ..names import resolve_name
+from ..schedule import tome_schedule
 from ..vtu import apply_vtu, expand_groups
 
 IGNORE_INDEX = -100  # LLaVA's label for positions without a target
@@ -48,6 +51,7 @@ class DyMULlavaTower(nn.Module):
         self.select_feature = getattr(args, "mm_vision_select_feature", "patch")
         self.pretrained = getattr(args, "dymu_pretrained", "openai")
         self.thresholds = getattr(args, "dymu_thresholds", None)
+        self.fixed_r = getattr(args, "dymu_r", None)  # ToMe's r: an int or one per block
         self.direct = bool(getattr(args, "dymu_direct", False))
         self.vtu = bool(getattr(args, "dymu_vtu", True)) and not self.direct
         vision = open_clip.get_model_config(resolve_name(name).base)["vision_cfg"]
@@ -67,12 +71,20 @@ class DyMULlavaTower(nn.Module):
             return
         from transformers import CLIPImageProcessor
 
+        fixed = {}
+        if self.fixed_r is not None and self.thresholds is not None:
+            raise DyMUError("a LLaVA config sets dymu_r or dymu_thresholds, not both")
+        if self.fixed_r is not None:
+            layers = open_clip.get_model_config(resolve_name(self.vision_tower_name).base)
+            blocks = layers["vision_cfg"]["layers"]
+            fixed = dict(schedule=tome_schedule(self.fixed_r, blocks), fixed_r=True)
         self.encoder = load_encoder(
             self.vision_tower_name,
             self.pretrained,
             thresholds=self.thresholds,
             select_layer=self.select_layer,
             drop_cls=self.select_feature == "patch",
+            **fixed,
         )
         size = self.cfg_only.image_size
         self.image_processor = CLIPImageProcessor(

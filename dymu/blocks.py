@@ -1,0 +1,155 @@
+"""One block of a tower with merging: the step the encoder and the ToMe patch share.
+
+A block is ``x = x + attn_out(attend(qkv(x))); [merge]; x = x + mlp(x)`` (DESIGN 3), read
+through a :class:`~dymu.adapters.base.TowerAdapter`. What the merge does is a
+:class:`Merging`: a threshold or batch rule (DyMU), or a fixed ``r`` per image (ToMe, DESIGN
+10). Tokens travel packed (:class:`Tokens`), so no image pays for another's length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .adapters.base import TowerAdapter
+from .errors import DyMUError
+from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, score_order, threshold_rule
+from .thresholds import Thresholds
+
+# A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
+Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Merging:
+    """How one block merges: a ``rule`` (threshold or batch rule) or a ``fixed_r`` per image.
+
+    ``reorder_all``: images without merges are reordered too (calibration; towers without
+    prefix tokens at inference). Fixed r always reorders and lays unmerged A tokens out in
+    ToMe's order (by position with prefix tokens, by score without).
+    """
+
+    rule: Rule | None = None
+    reorder_all: bool = False
+    fixed_r: int | None = None
+
+
+@dataclass
+class Tokens:
+    """Tokens between blocks: packed ``x (T, D)``, where each image's tokens sit, their sizes
+    ``(T,)`` float32 (``None`` until something merged) and ``groups (B, N0)`` (original token
+    -> slot; ``None`` when nobody asked)."""
+
+    x: torch.Tensor
+    packing: Packing
+    lengths: torch.Tensor
+    sizes: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
+
+
+def run_block(
+    tower: TowerAdapter,
+    block: int,
+    tokens: Tokens,
+    merging: Merging | None,
+    prop_attn: bool = True,
+) -> Tokens:
+    """Attention (with ``log(size)`` bias when ``prop_attn``), the merge, the MLP."""
+    x, packing, prefix = tokens.x, tokens.packing, tower.num_prefix_tokens
+    heads, dim = tower.num_heads, x.shape[-1]
+    q, k, v = tower.qkv(block, x)
+    bias_sizes = tokens.sizes if prop_attn else None
+    x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias_sizes))
+    tokens = replace(tokens, x=x)
+    n = packing.width
+    if merging is not None and n - prefix >= 2:
+        metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
+        tokens = _merge(tokens, metric, merging, prefix)
+    tokens.x = tokens.x + tower.mlp(block, tokens.x)
+    return tokens
+
+
+def _merge(tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int) -> Tokens:
+    packing, lengths = tokens.packing, tokens.lengths
+    n = packing.width
+    node_max, node_idx = bipartite_scores(metric, lengths, prefix)
+    order, new_length = None, None
+    if merging.fixed_r is not None:
+        if not packing.uniform:
+            raise DyMUError("fixed-r merging needs every image of a batch at one length")
+        r = min(merging.fixed_r, (n - prefix) // 2)  # the cap counts mergeable tokens
+        merged, new_length = fixed_r_rule(node_max, r), n - r
+        order = score_order(node_max) if prefix == 0 else None
+    else:
+        merged = merging.rule(node_max, lengths, n)
+    reorder = merging.reorder_all or merging.fixed_r is not None
+    plan = plan_merge(merged, node_idx, lengths, n, prefix, reorder, order, new_length)
+    if plan is None:
+        return tokens
+    after = Packing.from_lengths(list(plan.host_lengths), tokens.x.device)
+    x, sizes = plan.merge(tokens.x, tokens.sizes, packing, after)
+    groups = plan.track(tokens.groups) if tokens.groups is not None else None
+    return Tokens(x, after, plan.lengths, sizes, groups)
+
+
+def threshold_merging(
+    thresholds: Thresholds, r: Sequence[int], precision: torch.dtype, reorder_all: bool
+) -> list[Merging | None]:
+    """Per block, the inference rule of ``thresholds`` (``None`` where the block never
+    merges). Thresholds are rounded to the tower's precision, as its scores are."""
+    out: list[Merging | None] = []
+    for r_l, tau in zip(r, thresholds.merging_blocks(), strict=False):
+        if r_l > 0 and tau is not None:
+            tau = float(torch.tensor(tau).to(precision))
+            rule = lambda m, lengths, n, tau=tau: threshold_rule(m, tau)  # noqa: E731
+            out.append(Merging(rule, reorder_all))
+        else:
+            out.append(None)
+    return out
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    packing: Packing,
+    sizes: torch.Tensor | None,
+) -> torch.Tensor:
+    """Multi-head attention on packed tokens, each image attending only to itself.
+
+    Proportional attention adds ``log(size)`` of every key as a broadcast ``(b, 1, 1, n)``
+    bias. Images of equal length share one batched call; otherwise one call per image, so
+    no image pays for the longest one.
+    """
+    lengths = packing.lengths
+    if packing.uniform:
+        return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
+    parts = zip(
+        q.split(lengths),
+        k.split(lengths),
+        v.split(lengths),
+        sizes.split(lengths) if sizes is not None else [None] * len(lengths),
+        lengths,
+        strict=True,
+    )
+    return torch.cat([_sdpa(qi, ki, vi, si, heads, 1, n) for qi, ki, vi, si, n in parts])
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sizes: torch.Tensor | None,
+    heads: int,
+    bsz: int,
+    n: int,
+) -> torch.Tensor:
+    dim = q.shape[-1]
+    q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    bias = None if sizes is None else sizes.log().view(bsz, 1, 1, n).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2).reshape(bsz * n, dim)
