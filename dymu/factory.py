@@ -78,6 +78,11 @@ def build_encoder(
         r_total = source.r_total
     if r_total is None:
         r_total = tower.num_patches - tower.num_patches // 3
+    elif not 0 <= r_total < tower.num_patches:  # the rule a name's -<K>out follows: keep >= 1
+        raise DyMUError(
+            f"r_total {r_total} would keep {tower.num_patches - r_total} of the "
+            f"{tower.num_patches} patches of {source.name}; it must be 0 .. {tower.num_patches - 1}"
+        )
     schedule = source.schedule if schedule is None else schedule
     r = make_schedule(r_total, tower.num_blocks, schedule)
     encoder = DyMUEncoder(

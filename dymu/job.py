@@ -112,6 +112,12 @@ def run_calibration(
     """
     if cfg.batch_size < 1:
         raise DyMUError("--batch-size must be at least 1")
+    if cfg.max_images is not None and cfg.max_images < 1:
+        raise DyMUError(f"--max-images must be at least 1, got {cfg.max_images}")
+    if cfg.num_workers < 0:
+        raise DyMUError(
+            f"--num-workers must be 0 (decode in this process) or more, got {cfg.num_workers}"
+        )
     if cfg.dtype not in DTYPES:
         raise DyMUError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
     device = _device(cfg.device)

@@ -177,6 +177,25 @@ def test_unknown_model(photo_dir, capsys, model, message):
     assert code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--r-total", "500"], "r_total 500 would keep -436 of the 64 patches"),
+        (["--r-total", "-1"], "it must be 0 .. 63"),
+        (["--max-images", "0"], "--max-images must be at least 1, got 0"),
+        (["--max-images", "-3"], "--max-images must be at least 1"),
+        (["--num-workers", "-1"], "--num-workers must be 0"),
+    ],
+)
+def test_out_of_range_options_are_refused_in_one_line(photo_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "t.safetensors"
+    args = ["--data", photo_dir / "images.json", "--model", f"{TINY}-tome", "--pretrained", "none"]
+    code, _, err = run(find_thresholds_main, [*args, "--out", out, *extra], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and message in lines[-1] and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_unavailable_weights(photo_dir, capsys):
     code, _, err = run(
         find_thresholds_main,
