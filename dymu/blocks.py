@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .adapters.base import TowerAdapter
 from .errors import DyMUError
-from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, score_order, threshold_rule
+from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, threshold_rule
 from .thresholds import Thresholds
 
 # A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
@@ -64,12 +64,10 @@ def run_block(
     bias_sizes = tokens.sizes if prop_attn else None
     x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias_sizes))
     tokens = replace(tokens, x=x)
-    n = packing.width
-    if merging is not None and n - prefix >= 2:
+    if merging is not None and packing.width - prefix >= 2:
         metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
         tokens = _merge(tokens, metric, merging, prefix)
-    tokens.x = tokens.x + tower.mlp(block, tokens.x)
-    return tokens
+    return replace(tokens, x=tokens.x + tower.mlp(block, tokens.x))
 
 
 def _merge(tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int) -> Tokens:
@@ -81,8 +79,8 @@ def _merge(tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int) 
         if not packing.uniform:
             raise DyMUError("fixed-r merging needs every image of a batch at one length")
         r = min(merging.fixed_r, (n - prefix) // 2)  # the cap counts mergeable tokens
-        merged, new_length = fixed_r_rule(node_max, r), n - r
-        order = score_order(node_max) if prefix == 0 else None
+        merged, by_score = fixed_r_rule(node_max, r)
+        order, new_length = (by_score if prefix == 0 else None), n - r
     else:
         merged = merging.rule(node_max, lengths, n)
     reorder = merging.reorder_all or merging.fixed_r is not None

@@ -75,21 +75,18 @@ def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, t
     return merged.view_as(node_max), threshold
 
 
-def fixed_r_rule(node_max: torch.Tensor, r: int) -> torch.Tensor:
+def fixed_r_rule(node_max: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed-r rule (ToMe, DESIGN 10): each image merges its ``r`` best A tokens.
 
     Per row, a stable descending sort of the scores (ties keep the lower index first); the
     first ``r`` merge. The caller caps ``r`` at ``(n - num_prefix) // 2``, so every chosen
-    score is finite (a prefix or padding token is never chosen).
+    score is finite (a prefix or padding token is never chosen). Returns the merged mask and
+    the sort order: ToMe lays unmerged A tokens out in that order on towers without prefix
+    tokens (``plan_merge``'s ``a_order``).
     """
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
     merged = torch.zeros_like(node_max, dtype=torch.bool)
-    return merged.scatter(-1, score_order(node_max)[:, :r], True)
-
-
-def score_order(node_max: torch.Tensor) -> torch.Tensor:
-    """A tokens by descending score, stable (ties keep the lower index first): ToMe's order
-    of the unmerged A tokens on towers without prefix tokens (DESIGN 10)."""
-    return node_max.argsort(dim=-1, descending=True, stable=True)
+    return merged.scatter(-1, order[:, :r], True), order
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,7 @@ def plan_merge(
     order]``, padding last. An image without merges keeps its order unless ``reorder_all``
     (calibration, and inference on towers without prefix tokens: the reference's batch path).
     ``a_order (B, Na)`` lays the unmerged A tokens out in that order of A indices instead of
-    by position (ToMe's score order, :func:`score_order`). Reads the new lengths back to the
+    by position (ToMe's score order, from :func:`fixed_r_rule`). Reads the new lengths back to the
     host in one small transfer, the only sync per merging block, needed to size the shorter
     tensors; fixed-r merging knows them beforehand (``new_length`` for every image) and skips it.
     """

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,41 +37,42 @@ ATTRIBUTE = "dymu_tome"
 class ToMeState:
     """What a patched model merges (``r`` per block, or ``thresholds``) and what its last
     forward did: ``lengths (B,)`` tokens per image, ``sizes (B, L)`` original patches per slot
-    (0 on padding), ``block_lengths`` after each block and, with ``trace_source``, ``groups
-    (B, N0)``: every original token's slot in the output (prefix tokens included)."""
+    (0 on padding; ``None`` while nothing merged), ``block_lengths`` after each block and, with
+    ``trace_source``, ``groups (B, N0)``: every original token's slot in the output (prefix
+    tokens included). Tokens themselves are not kept: the model hands them on."""
 
     r: list[int]
     thresholds: Thresholds | None
     prop_attn: bool
     trace_source: bool
+    tower: TowerAdapter = field(repr=False)
     lengths: torch.Tensor | None = None
-    sizes: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     block_lengths: list[torch.Tensor] = field(default_factory=list)
-    tower: TowerAdapter | None = field(default=None, repr=False)
-    _tokens: Tokens | None = field(default=None, repr=False)
+    packing: Packing | None = field(default=None, repr=False)
+    _sizes: torch.Tensor | None = field(default=None, repr=False)  # packed, (T,)
     _patched: list[tuple[object, str]] = field(default_factory=list, repr=False)
+
+    @property
+    def sizes(self) -> torch.Tensor | None:
+        return None if self._sizes is None else self.packing.pad(self._sizes)
 
     def begin(self, x: torch.Tensor) -> None:
         """A new forward: ``x (B, N, D)`` enters the first block, nothing merged yet."""
         bsz, n = x.shape[:2]
-        packing = Packing.from_lengths([n] * bsz, x.device)
-        lengths = torch.full((bsz,), n, device=x.device, dtype=torch.long)
-        groups = None
-        if self.trace_source:
-            groups = torch.arange(n, device=x.device).expand(bsz, n).clone()
-        self._tokens = Tokens(x, packing, lengths, None, groups)
-        self.lengths, self.sizes, self.groups, self.block_lengths = lengths, None, groups, []
+        self.packing = Packing.from_lengths([n] * bsz, x.device)
+        self.lengths = torch.full((bsz,), n, device=x.device, dtype=torch.long)
+        self.groups = torch.arange(n, device=x.device).expand(bsz, n) if self.trace_source else None
+        self._sizes, self.block_lengths = None, []
+
+    def tokens(self, x: torch.Tensor) -> Tokens:
+        """The padded ``x (B, L, D)`` a block receives, packed, with what the state knows."""
+        return Tokens(self.packing.pack(x), self.packing, self.lengths, self._sizes, self.groups)
 
     def after(self, tokens: Tokens) -> None:
-        self._tokens = tokens
-        self.lengths, self.groups = tokens.lengths, tokens.groups
-        if tokens.sizes is not None:
-            self.sizes = tokens.packing.pad(tokens.sizes)
+        self.packing, self.lengths, self._sizes = tokens.packing, tokens.lengths, tokens.sizes
+        self.groups = tokens.groups
         self.block_lengths.append(tokens.lengths)
-
-    def current_sizes(self) -> torch.Tensor | None:
-        return self.sizes
 
 
 def apply_tome(
@@ -104,8 +105,8 @@ def apply_tome(
     else:
         schedule = tome_schedule(r, tower.num_blocks)
         plan = [Merging(fixed_r=v) if v > 0 else None for v in schedule]
-    state = ToMeState(schedule, thresholds, prop_attn, trace_source, tower=tower)
-    patches = list(tower.sized_heads(state.current_sizes))
+    state = ToMeState(schedule, thresholds, prop_attn, trace_source, tower)
+    patches = list(tower.sized_heads(lambda: state.sizes))
     for index, block in enumerate(tower.blocks):
         name = _forward_name(block)
         patches.append((block, name, _block_forward(state, index, plan[index], name)))
@@ -145,17 +146,14 @@ def _block_forward(state: ToMeState, index: int, merging: Merging | None, name: 
     def forward(block: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if index == 0:
             state.begin(x)
-        tokens = state._tokens
-        packing = tokens.packing if tokens is not None else None
+        packing = state.packing
         if packing is None or tuple(x.shape[:2]) != (len(packing.lengths), packing.width):
             raise DyMUError("the blocks of a ToMe-patched tower run in order from the first")
-        if merging is None and tokens.sizes is None:  # nothing merged yet: the block as it is
-            out = call_prior(block, name, x, *args, **kwargs)
-            state.after(replace(tokens, x=out))
-            return out
+        if merging is None and state._sizes is None:  # nothing merged yet: the block as it is
+            state.block_lengths.append(state.lengths)
+            return call_prior(block, name, x, *args, **kwargs)
         _refuse_masks(args, kwargs)
-        tokens = replace(tokens, x=packing.pack(x))
-        tokens = run_block(state.tower, index, tokens, merging, state.prop_attn)
+        tokens = run_block(state.tower, index, state.tokens(x), merging, state.prop_attn)
         state.after(tokens)
         return tokens.packing.pad(tokens.x)
 

@@ -74,6 +74,17 @@ def around_image(model, ids, features):
     return torch.cat([embed(ids[0, :2]), features, embed(ids[0, 3:])])[None]
 
 
+def vtu_by_hand(model, ids, x, index):
+    """Logits of image ``index`` (at position 2 of ``ids``) from the tower's last forward,
+    built by hand: LLaVA's embeddings and a mapping written out position by position."""
+    tower = model.get_model().get_vision_tower()
+    groups, lengths = tower.last_groups
+    embeds = around_image(model, ids, model.get_model().mm_projector(tower(x))[index])
+    n = int(lengths[index])
+    mapping = torch.cat([torch.tensor([0, 1]), 2 + groups[index], torch.tensor([2 + n, 3 + n])])
+    return model(inputs_embeds=embeds, vtu_mapping=mapping[None]).logits
+
+
 def test_loads_the_dymu_tower_by_name_and_generates(thresholds, enabled):
     model = build(thresholds)
     tower = model.get_model().get_vision_tower()
@@ -92,16 +103,11 @@ def test_loads_the_dymu_tower_by_name_and_generates(thresholds, enabled):
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 def test_vtu_forward_equals_the_sequence_built_by_hand(thresholds, enabled, family):
     model = build(thresholds, family=family)
-    tower = model.get_model().get_vision_tower()
     ids = torch.tensor([[1, 5, IMAGE, 7, 8]])
     x = images(model)[:1]
     with torch.no_grad():
         got = model(input_ids=ids, images=x).logits
-        groups, lengths = tower.last_groups
-        embeds = around_image(model, ids, model.get_model().mm_projector(tower(x))[0])
-        n = int(lengths[0])
-        mapping = torch.cat([torch.tensor([0, 1]), 2 + groups[0], torch.tensor([2 + n, 3 + n])])
-        manual = model(inputs_embeds=embeds, vtu_mapping=mapping[None]).logits
+        manual = vtu_by_hand(model, ids, x, 0)
     assert got.shape == (1, 2 + 64 + 2, 64)
     assert torch.allclose(got, manual, atol=1e-5)
 
@@ -113,11 +119,8 @@ def test_fixed_r_tower_keeps_every_image_at_one_length(thresholds, enabled):
     x = images(model)
     with torch.no_grad():
         got = model(input_ids=ids, images=x).logits
-        groups, lengths = tower.last_groups
-        embeds = around_image(model, ids[:1], model.get_model().mm_projector(tower(x))[1])
-        n = int(lengths[1])
-        mapping = torch.cat([torch.tensor([0, 1]), 2 + groups[1], torch.tensor([2 + n, 3 + n])])
-        manual = model(inputs_embeds=embeds, vtu_mapping=mapping[None]).logits
+        lengths = tower.last_groups[1]
+        manual = vtu_by_hand(model, ids[:1], x, 1)
     # 65 tokens, 3 blocks run (select layer -2), 4 merged in each, then the class token dropped
     assert lengths.tolist() == [65 - 3 * 4 - 1] * 2
     assert torch.allclose(got[1:], manual, atol=1e-5)
