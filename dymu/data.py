@@ -1,4 +1,5 @@
-"""Image sources for calibration: JSON lists, folders and webdataset shards, streamed in order.
+"""Image sources for calibration: JSON lists, folders, webdataset shards (:mod:`dymu.shards`)
+and Hugging Face datasets (:mod:`dymu.hf_source`), streamed in order.
 
 Every source yields :class:`RawItem` s in a fixed order; item ``i`` belongs to global batch
 ``i // batch_size``. A bad item is reported in place (its batch just gets smaller), so skips
@@ -10,8 +11,9 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +22,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .defaults import DEFAULT_MAX_PIXELS
 from .errors import DyMUError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "image", "img")
 
 
 @dataclass(frozen=True)
@@ -92,96 +94,47 @@ class FolderSource(FileList):
         )
 
 
-class ShardSource:
-    """webdataset tar shards (``'train-{000..099}.tar'``), one image a sample.
-
-    Every DataLoader worker walks all shards to keep one stream order, but in a plain
-    ``.tar`` it reads only the 512-byte headers and seeks past the data: an image's bytes
-    are read by the one worker that decodes it. Compressed shards are read whole.
-    """
-
-    def __init__(self, pattern: str) -> None:
-        from webdataset.shardlists import expand_urls
-
-        self.shards = [Path(u) for u in expand_urls(pattern)]
-        missing = [str(s) for s in self.shards if not s.is_file()]
-        if missing:
-            raise DyMUError(f"shard not found: {missing[0]} ({len(missing)} missing)")
-
-    def __iter__(self) -> Iterator[RawItem]:
-        for shard in self.shards:
-            yield from _shard_samples(shard)
-
-
-def _shard_samples(shard: Path) -> Iterator[RawItem]:
-    """Group tar members by webdataset key (the path up to the first dot of the file name)."""
-    key, files = None, {}
-    try:
-        tar, seekable = _open_tar(shard)
-        with tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                folder, _, name = member.name.rpartition("/")
-                stem, _, ext = name.partition(".")
-                sample = f"{folder}/{stem}" if folder else stem
-                if sample != key and key is not None:
-                    yield _sample_item(shard, key, files)
-                    files = {}
-                key = sample
-                if seekable:
-                    files[ext.lower()] = (member.offset_data, member.size)
-                else:
-                    files[ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        yield RawItem(f"{shard}", error=f"broken shard: {exc}")
-        return
-    if key is not None:
-        yield _sample_item(shard, key, files)
-
-
-def _open_tar(shard: Path) -> tuple[tarfile.TarFile, bool]:
-    """A plain tar opened for seeking, else (compressed) a stream; and which it is."""
-    try:
-        return tarfile.open(shard, "r:"), True
-    except tarfile.ReadError:
-        return tarfile.open(shard, "r|*"), False
-
-
-def _sample_item(shard: Path, key: str, files: dict[str, bytes | tuple[int, int]]) -> RawItem:
-    for ext in SHARD_IMAGE_KEYS:
-        if ext in files:
-            found = files[ext]
-            if isinstance(found, tuple):
-                return RawItem(f"{shard}:{key}", path=shard, span=found)
-            return RawItem(f"{shard}:{key}", data=found)
-    return RawItem(f"{shard}:{key}", error=f"no image in sample (keys: {', '.join(files)})")
-
-
 def open_source(
-    spec: str, image_root: str | Path | None = None
-) -> JsonSource | FolderSource | ShardSource:
-    """A JSON list file, a folder, or a webdataset shard pattern."""
+    spec: str, image_root: str | Path | None = None, image_column: str | None = None
+) -> Iterable[RawItem]:
+    """A JSON list file, a folder of images, webdataset shards (local, ``pipe:CMD`` or URLs),
+    or a Hugging Face dataset (``hf:NAME[:SPLIT]``, a ``save_to_disk`` folder, parquet files).
+
+    ``image_column`` names the image column of a dataset (default: found from its features).
+    Sources of known length also have ``len()``.
+    """
+    from .hf_source import open_table
+    from .shards import ShardSource, is_remote
+
+    table = open_table(spec, image_root, image_column)
+    if table is not None:
+        return table
+    if image_column is not None:
+        raise DyMUError(
+            f"--image-column is for Hugging Face datasets and parquet files, not {spec}"
+        )
     path = Path(spec)
-    if ".tar" in spec or "{" in spec:
+    if ".tar" in spec or "{" in spec or is_remote(spec):
         return ShardSource(spec)
     if path.is_dir():
         return FolderSource(path)
     if path.is_file():
         return JsonSource(path, image_root)
-    raise DyMUError(f"data not found: {spec} (give a JSON list, a folder or tar shards)")
+    raise DyMUError(f"data not found: {spec} (give a JSON list, a folder, tar shards or a dataset)")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open an image file as RGB; raises :class:`DyMUError` naming what is wrong."""
-    image, reason = _open(RawItem(str(path), path=Path(path)))
+    image, reason = _open(RawItem(str(path), path=Path(path)), max_pixels)
     if image is None:
         raise DyMUError(f"cannot read image {path}: {reason}")
     return image
 
 
-def _open(item: RawItem) -> tuple[Image.Image | None, str | None]:
-    """Decode and convert to RGB, or say why not (missing, empty, truncated, ...)."""
+def _open(
+    item: RawItem, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image | None, str | None]:
+    """Decode and convert to RGB, or say why not (missing, empty, too large, truncated, ...)."""
     if item.error is not None:
         return None, item.error
     try:
@@ -190,17 +143,22 @@ def _open(item: RawItem) -> tuple[Image.Image | None, str | None]:
                 return None, "missing file"
             if item.path.stat().st_size == 0:
                 return None, "empty file"
-            img = Image.open(item.path)
+            source = item.path
         else:
             data = item.read()
             if not data:
                 return None, "empty file"
-            img = Image.open(io.BytesIO(data))
-        with img:
+            source = io.BytesIO(data)
+        with _pixel_cap(max_pixels), Image.open(source) as img:
+            pixels = img.width * img.height  # from the header: nothing decoded yet
+            if max_pixels is not None and pixels > max_pixels:
+                return None, f"too large: {_megapixels(pixels)} (over --max-pixels {max_pixels})"
             img.load()
             return to_rgb(img), None
     except UnidentifiedImageError:
         return None, "not an image"
+    except Image.DecompressionBombError as exc:  # a format that only knows its size late
+        return None, f"too large: {exc}"
     except OSError as exc:
         text = str(exc)
         return None, "truncated" if "truncated" in text else f"undecodable: {text}"
@@ -208,6 +166,27 @@ def _open(item: RawItem) -> tuple[Image.Image | None, str | None]:
         return None, f"undecodable: {exc}"
     except DyMUError as exc:
         return None, str(exc)
+
+
+@contextmanager
+def _pixel_cap(max_pixels: int | None) -> Iterator[None]:
+    """Let our cap, not PIL's global bomb limit, decide (it is checked right after opening).
+
+    PIL refuses images over twice ``Image.MAX_IMAGE_PIXELS`` inside ``Image.open`` (and warns
+    above it), whatever the caller wants; the limit is lifted for the one open and restored.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f} megapixels" if pixels >= 1e6 else f"{pixels} pixels"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -246,14 +225,16 @@ class ImageStream(IterableDataset):
         self,
         source,
         preprocess: Callable[[Image.Image], torch.Tensor | dict[str, torch.Tensor]],
-        keep: Callable[[int], bool] = lambda index: True,
+        keep: Callable[[int], bool] | None = None,
         max_images: int | None = None,
         shuffle_seed: int | None = None,
         shuffle_buffer: int = 1000,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.source = source
+        self.max_pixels = max_pixels
         self.preprocess = preprocess
-        self.keep = keep
+        self.keep = keep or _keep_all
         self.max_images = max_images
         self.shuffle_seed = shuffle_seed
         self.shuffle_buffer = shuffle_buffer
@@ -275,10 +256,14 @@ class ImageStream(IterableDataset):
             if not self.keep(index):
                 continue
             if kept % workers == worker:
-                image, reason = _open(raw)
+                image, reason = _open(raw, self.max_pixels)
                 pixels = self.preprocess(image) if image is not None else None
                 yield Item(index, raw.key, pixels, reason)
             kept += 1
+
+
+def _keep_all(index: int) -> bool:
+    return True
 
 
 def _shuffled(items: Iterator[RawItem], size: int, seed: int) -> Iterator[RawItem]:

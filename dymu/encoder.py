@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 
 from .adapters.base import Inputs, TowerAdapter
 from .blocks import Merging, Tokens, run_block, threshold_merging
-from .errors import DyMUError
+from .errors import DyMUError, MissingThresholds
 from .merge import Packing, batch_rule
 from .thresholds import Thresholds, TowerIdentity
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(repr=False)
 class EncoderOutput:
     """Padded, variable-length encoder output; ``lengths`` says how many rows are real."""
 
@@ -32,6 +32,15 @@ class EncoderOutput:
     def to_list(self) -> list[torch.Tensor]:
         """One unpadded ``(L_i, D)`` tensor per image."""
         return [t[:n] for t, n in zip(self.tokens, self.lengths.tolist(), strict=True)]
+
+    def __repr__(self) -> str:
+        """Shapes and dtypes instead of values; ``lengths`` in full for the first images."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            shown = _lengths_repr(value) if f.name == "lengths" else _tensor_repr(value)
+            parts.append(f"{f.name}={shown}")
+        return f"EncoderOutput({', '.join(parts)})"
 
 
 class DyMUEncoder(nn.Module):
@@ -102,6 +111,26 @@ class DyMUEncoder(nn.Module):
     def merges(self) -> bool:
         return any(self.r[: self.num_run])
 
+    def extra_repr(self) -> str:
+        """One line for ``print(encoder)``: the tower, its schedule and how it merges."""
+        total = self.tower.num_blocks
+        blocks = str(total) if self.num_run == total else f"{self.num_run} of {total}"
+        return (
+            f"name={self.name!r}, blocks={blocks}, r_total={sum(self.r)} "
+            f"({self.schedule_name}), {self._merging_summary()}, "
+            f"select_layer={self.select_layer}, drop_cls={self.drop_cls}"
+        )
+
+    def _merging_summary(self) -> str:
+        if not self.merges:
+            return "merging=off"
+        if self.fixed_r:
+            return "merging=fixed r"
+        if self.thresholds is None:
+            return "thresholds=None"
+        merging = self.thresholds.merging_blocks()[: self.num_run]
+        return f"thresholds={sum(t is not None for t in merging)} merging blocks"
+
     def forward(self, inputs: Inputs) -> EncoderOutput:
         """Encode images (pixels, or the dict a tower's processor gives); each keeps the
         tokens its content needs (with ``fixed_r``: each keeps the same number)."""
@@ -111,10 +140,7 @@ class DyMUEncoder(nn.Module):
         if self.fixed_r:
             return self._run(inputs, [Merging(fixed_r=v) if v > 0 else None for v in r])
         if self.thresholds is None:
-            raise DyMUError(
-                f"{self.name} has no thresholds: find them with `dymu-find-thresholds`, or pass "
-                "thresholds=FILE (r_total=0 encodes without merging)"
-            )
+            raise MissingThresholds(self.name)
         precision = next(self.tower.parameters()).dtype  # scores are rounded to it, so is tau
         # towers without prefix tokens reorder every image at every merging block (DESIGN 3)
         merging = threshold_merging(self.thresholds, r, precision, self.num_prefix == 0)
@@ -205,6 +231,23 @@ class DyMUEncoder(nn.Module):
         lengths = real_lengths.to(dev)
         real = positions[None, :] < lengths[:, None]
         return x[real], lengths, lengths.tolist(), torch.where(real, positions, -1)
+
+
+_SHOWN_LENGTHS = 8  # images whose lengths EncoderOutput's repr lists
+
+
+def _tensor_repr(t: torch.Tensor | None) -> str:
+    """``(2, 197, 768) float32``, with the device when it is not the CPU."""
+    if t is None:
+        return "None"
+    where = "" if t.device.type == "cpu" else f" {t.device}"
+    return f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}{where}"
+
+
+def _lengths_repr(lengths: torch.Tensor) -> str:
+    values = lengths.tolist()
+    shown = [str(v) for v in values[:_SHOWN_LENGTHS]]
+    return "[" + ", ".join(shown + (["..."] if len(values) > _SHOWN_LENGTHS else [])) + "]"
 
 
 def _to(inputs: Inputs, param: torch.Tensor) -> Inputs:

@@ -14,10 +14,11 @@ from torch import nn
 
 from .adapters import TowerAdapter, adapter_for, supported_families
 from .encoder import DyMUEncoder
-from .errors import DyMUError
+from .errors import DyMUError, MissingThresholds
 from .names import resolve_name
 from .schedule import make_schedule
 from .thresholds import Thresholds, find_threshold_file, search_paths
+from .weights import check_weights_reachable
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,8 @@ def _resolve(model: ModelSource, pretrained: str | None, seed: int, dtype, devic
 def _from_name(name: str, pretrained: str | None, seed: int, device) -> _Source:
     spec = resolve_name(name)
     pretrained = normalize_pretrained(pretrained)
+    if pretrained is not None:
+        check_weights_reachable(spec.base, pretrained)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
@@ -198,19 +201,10 @@ def _look_up(model: ModelSource, encoder: DyMUEncoder) -> Path:
     """The thresholds file for a dymu name (shipped folder, then ``$DYMU_THRESHOLDS``)."""
     name = encoder.name
     if isinstance(model, nn.Module) or Path(os.fspath(model)).is_dir():
-        raise DyMUError(
-            f"no thresholds given for {name}: find them with `dymu-find-thresholds` "
-            "(--hf-model for a transformers folder) and pass them (--thresholds FILE, "
-            "thresholds=FILE in Python); r_total=0 encodes without merging"
-        )
+        raise MissingThresholds(name)
     found = find_threshold_file(name, encoder.pretrained)
     if found is None:
-        folders = ", ".join(str(p) for p in search_paths())
-        raise DyMUError(
-            f"no thresholds for {name} (looked in {folders}). Find them with "
-            f"`dymu-find-thresholds --model {name} --data images.json`, convert published "
-            "ones, or pass thresholds=FILE; r_total=0 encodes without merging"
-        )
+        raise MissingThresholds(name, [str(p) for p in search_paths()])
     return found
 
 

@@ -14,40 +14,29 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .adapters.base import Inputs
 from .calibrate import CalibrationState, TokenStats, calibrate_batches, thresholds_from
+from .checkpoint import Progress, partial_path
+from .coverage import covers_metadata
 from .data import Batch, ImageStream, iterate_batches, open_source
+from .defaults import DEFAULT_MAX_PIXELS, INFERENCE_SAMPLE
+from .devices import resolve_device
 from .encoder import DyMUEncoder
 from .errors import DyMUError
 from .factory import build_encoder
-from .thresholds import Thresholds, atomic_save
+from .inference_counts import inference_tokens
+from .outputs import check_output
+from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
-PARTIAL_FORMAT = "dymu-partial/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# settings a resumed run must share with the interrupted one
-_RESUME_KEYS = (
-    "model",
-    "pretrained",
-    "data",
-    "batch_size",
-    "r",
-    "max_images",
-    "shuffle_seed",
-    "dtype",
-    "world_size",
-    "tower_arch",
-    "tower_weights",
-)
 
 
 @dataclass
@@ -66,11 +55,14 @@ class CalibrationConfig:
     device: str | None = None
     dtype: str = "fp32"
     image_root: str | None = None
+    image_column: str | None = None  # Hugging Face datasets sources only
     max_images: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     shuffle_seed: int | None = None
     strict: bool = False
     checkpoint_every: int = 100
     resume: bool = False
+    inference_sample: int = INFERENCE_SAMPLE
 
     @property
     def out_path(self) -> Path:
@@ -79,6 +71,18 @@ class CalibrationConfig:
         if self.hf_model:
             return Path(f"{Path(self.hf_model).name}-tome.safetensors")
         return Path(f"{self.model}.safetensors")
+
+    def check(self) -> None:
+        """Refuse out-of-range options in one line, before any work starts."""
+        at_least = {"batch_size": 1, "max_images": 1, "max_pixels": 1, "num_workers": 0}
+        at_least |= {"checkpoint_every": 0, "inference_sample": 0}
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                flag = "--" + name.replace("_", "-")
+                raise DyMUError(f"{flag} must be at least {low}, got {value}")
+        if self.dtype not in DTYPES:
+            raise DyMUError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
 @dataclass
@@ -90,37 +94,23 @@ class CalibrationResult:
     num_tokens: int = 0
 
 
-@dataclass
-class _State:
-    calibration: CalibrationState
-    skipped: list[dict]
-    next_batch: int = 0
-
-
 def run_calibration(
     cfg: CalibrationConfig,
     on_batch: Callable[[Batch, TokenStats], None] | None = None,
     on_start: Callable[[int | None], None] | None = None,
     encoder: DyMUEncoder | None = None,
 ) -> CalibrationResult:
-    """Find thresholds as configured; only rank 0 writes files. Ctrl-C leaves a checkpoint.
+    """Find thresholds as configured; only rank 0 writes files. However the run ends
+    (finished, Ctrl-C, SIGTERM, an error), what was counted is kept in ``OUT.partial``.
 
     ``encoder`` is any encoder (e.g. ``dymu.build_encoder(model_instance)``); without one it
     is built from ``cfg.hf_model`` or ``cfg.model``. ``on_start(total)`` runs once the data
     and model are ready (``total``: images this process will see, when known); ``on_batch``
     after every batch.
     """
-    if cfg.batch_size < 1:
-        raise DyMUError("--batch-size must be at least 1")
-    if cfg.max_images is not None and cfg.max_images < 1:
-        raise DyMUError(f"--max-images must be at least 1, got {cfg.max_images}")
-    if cfg.num_workers < 0:
-        raise DyMUError(
-            f"--num-workers must be 0 (decode in this process) or more, got {cfg.num_workers}"
-        )
-    if cfg.dtype not in DTYPES:
-        raise DyMUError(f"unknown dtype {cfg.dtype!r}; choose one of {', '.join(DTYPES)}")
-    device = _device(cfg.device)
+    cfg.check()
+    device = resolve_device(cfg.device)
+    check_output(cfg.out_path)
     rank, world, owned = _init_distributed(device)
     try:
         return _run(cfg, device, rank, world, on_batch, on_start, encoder)
@@ -138,7 +128,7 @@ def _run(
     on_start: Callable[[int | None], None] | None,
     encoder: DyMUEncoder | None,
 ) -> CalibrationResult:
-    source = open_source(cfg.data, cfg.image_root)
+    source = open_source(cfg.data, cfg.image_root, image_column=cfg.image_column)
     if encoder is None:
         encoder = build_encoder(
             cfg.hf_model or cfg.model,
@@ -149,64 +139,154 @@ def _run(
             schedule=cfg.schedule,
         )
     identity = _run_identity(cfg, encoder, world)
-    partial = _partial_path(cfg.out_path, rank, world)
+    partial = partial_path(cfg.out_path, rank, world)
     param = next(encoder.parameters())
-    state = _State(CalibrationState(encoder.tower.num_blocks, param.device), [])
-    if partial.exists() and not cfg.resume:
+    progress = Progress(CalibrationState(encoder.tower.num_blocks, param.device))
+    _start_or_resume(cfg, progress, partial, identity)
+    stream = ImageStream(
+        source,
+        encoder.preprocess,
+        _Share(cfg.batch_size, progress.next_batch, rank, world),
+        cfg.max_images,
+        cfg.shuffle_seed,
+        max_pixels=cfg.max_pixels,
+    )
+    if on_start is not None:
+        on_start(_expected_images(source, cfg, progress.next_batch, rank, world))
+    start = time.perf_counter()
+    try:
+        batches = _counted(cfg, stream, progress, partial, identity, on_batch)
+        calibrate_batches(encoder, batches, encoder.r, progress.calibration)
+        progress.mark()
+        progress.save(partial, identity)  # this process's share, kept until the file is out
+    except BaseException as exc:
+        _keep_progress(exc, progress, partial, identity, cfg)
+        raise
+    skipped = _reduce(progress, world)
+    tokens = progress.calibration.tokens
+    if tokens.images == 0:
+        partial.unlink(missing_ok=True)
+        example = f"; first: {skipped[0]['key']}: {skipped[0]['reason']}" if skipped else ""
+        raise DyMUError(f"no usable images in {cfg.data} ({len(skipped)} skipped{example})")
+    extra = covers_metadata(cfg.data, tokens.images + len(skipped))
+    extra["calibration_tokens_mean"] = f"{tokens.mean:.2f}"  # the batch rule's count
+    result = thresholds_from(
+        progress.calibration, encoder, encoder.r, encoder.schedule_name, cfg.batch_size, extra
+    )
+    if rank == 0 and cfg.inference_sample:
+        result.metadata.update(inference_tokens(encoder, result, source, cfg))
+    _write_result(cfg, result, skipped, partial, (rank, world), param.device)
+    return CalibrationResult(
+        result, tokens, skipped, time.perf_counter() - start, encoder.tower.num_tokens
+    )
+
+
+@dataclass(frozen=True)
+class _Share:
+    """Which stream items a process decodes: those of its batches (number ``rank`` modulo
+    ``world``) from ``first`` on. A class, not a closure, so DataLoader workers started with
+    spawn (macOS, Python >= 3.14 on Linux) can receive it."""
+
+    batch_size: int
+    first: int
+    rank: int
+    world: int
+
+    def __call__(self, index: int) -> bool:
+        number = index // self.batch_size
+        return number >= self.first and number % self.world == self.rank
+
+
+def _start_or_resume(
+    cfg: CalibrationConfig, progress: Progress, partial: Path, identity: dict[str, str]
+) -> None:
+    """Load ``partial`` with ``--resume``; refuse to silently overwrite it without."""
+    if not partial.exists():
+        if cfg.resume:  # a requeued job's first run has nothing to resume: not an error
+            log.warning("--resume: no checkpoint %s yet, starting from the beginning", partial)
+        return
+    if not cfg.resume:
         raise DyMUError(
             f"{partial} holds an interrupted run: pass --resume to continue it, "
             "or delete it to start over"
         )
-    if cfg.resume and partial.exists():
-        _load_partial(partial, state, identity)
-        log.warning("resuming from %s at batch %d", partial, state.next_batch)
+    progress.load(partial, identity)
+    log.warning("resuming from %s at batch %d", partial, progress.next_batch)
 
-    def keep(index: int) -> bool:
-        number = index // cfg.batch_size
-        return number >= state.next_batch and number % world == rank
 
-    stream = ImageStream(source, encoder.preprocess, keep, cfg.max_images, cfg.shuffle_seed)
-    if on_start is not None:
-        on_start(_expected_images(source, cfg, state.next_batch, rank, world))
-    start = time.perf_counter()
+def _counted(
+    cfg: CalibrationConfig,
+    stream: ImageStream,
+    progress: Progress,
+    partial: Path,
+    identity: dict[str, str],
+    on_batch: Callable[[Batch, TokenStats], None] | None,
+) -> Iterator[Inputs]:
+    """This process's batches; the code after ``yield`` runs once a batch is counted."""
+    for done, batch in enumerate(iterate_batches(stream, cfg.batch_size, cfg.num_workers), 1):
+        for item in batch.skipped:
+            if cfg.strict:
+                raise DyMUError(f"bad image {item.key}: {item.reason} (--strict)")
+            progress.skipped.append({"index": item.index, "key": item.key, "reason": item.reason})
+        if batch.pixels is not None:
+            yield batch.pixels
+        progress.next_batch = batch.index + 1
+        progress.mark()
+        if on_batch is not None:
+            on_batch(batch, progress.calibration.tokens)
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            progress.save(partial, identity)
 
-    def batches() -> Iterator[Inputs]:
-        """This process's batches; the code after ``yield`` runs once a batch is counted."""
-        for done, batch in enumerate(iterate_batches(stream, cfg.batch_size, cfg.num_workers), 1):
-            for item in batch.skipped:
-                if cfg.strict:
-                    raise DyMUError(f"bad image {item.key}: {item.reason} (--strict)")
-                state.skipped.append({"index": item.index, "key": item.key, "reason": item.reason})
-            if batch.pixels is not None:
-                yield batch.pixels
-            state.next_batch = batch.index + 1
-            if on_batch is not None:
-                on_batch(batch, state.calibration.tokens)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
-                _save_partial(partial, state, identity)
 
-    try:
-        calibrate_batches(encoder, batches(), encoder.r, state.calibration)
-    except KeyboardInterrupt:
-        _save_partial(partial, state, identity)
-        raise
-    skipped = _reduce(state, world)
-    tokens = state.calibration.tokens
-    if tokens.images == 0:
-        example = f"; first: {skipped[0]['key']}: {skipped[0]['reason']}" if skipped else ""
-        raise DyMUError(f"no usable images in {cfg.data} ({len(skipped)} skipped{example})")
-    result = thresholds_from(
-        state.calibration, encoder, encoder.r, encoder.schedule_name, cfg.batch_size
-    )
+def _keep_progress(
+    exc: BaseException,
+    progress: Progress,
+    partial: Path,
+    identity: dict[str, str],
+    cfg: CalibrationConfig,
+) -> None:
+    """Save the last counted batch whatever stopped the run, and say where in the error."""
+    if not progress.save(partial, identity):
+        return
+    where = f"progress up to batch {progress.mark_.next_batch} is in {partial}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise DyMUError(
+            f"out of memory at --batch-size {cfg.batch_size}: try a smaller one (a fresh run: "
+            f"delete {partial}) or --dtype bf16; {where}"
+        ) from None
+    if isinstance(exc, DyMUError):
+        raise DyMUError(f"{exc}; {where}: fix the cause and add --resume") from None
+    if isinstance(exc, Exception):
+        log.error("%s: run the same command with --resume to continue", where)
+
+
+def _write_result(
+    cfg: CalibrationConfig,
+    result: Thresholds,
+    skipped: list[dict],
+    partial: Path,
+    placement: tuple[int, int],
+    device: torch.device,
+) -> None:
+    """Rank 0 writes the file; only once it is on disk does any process drop its partial."""
+    error, (rank, world) = None, placement
     if rank == 0:
-        result.save(cfg.out_path)
-        _write_skipped(cfg.out_path, skipped)
+        try:
+            result.save(cfg.out_path)
+            _write_skipped(cfg.out_path, skipped)
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+    if world > 1:  # every rank learns whether the file is out (and none returns before)
+        flag = torch.tensor([error is None], dtype=torch.int64, device=device)
+        dist.broadcast(flag, 0)
+        error = error if bool(flag) else (error or "rank 0 could not write it")
+    if error is not None:
+        kept = partial.with_name(partial.name.split(".partial")[0] + ".partial*")
+        raise DyMUError(
+            f"cannot write {cfg.out_path}: {error}. Nothing is lost: the statistics are in "
+            f"{kept}; make {cfg.out_path} writable and run the same command with --resume"
+        )
     partial.unlink(missing_ok=True)
-    if world > 1:
-        dist.barrier()  # no rank returns before the result is on disk
-    return CalibrationResult(
-        result, tokens, skipped, time.perf_counter() - start, encoder.tower.num_tokens
-    )
 
 
 def _run_identity(cfg: CalibrationConfig, encoder: DyMUEncoder, world: int) -> dict[str, str]:
@@ -222,6 +302,7 @@ def _run_identity(cfg: CalibrationConfig, encoder: DyMUEncoder, world: int) -> d
         "shuffle_seed": str(cfg.shuffle_seed),
         "dtype": cfg.dtype,
         "world_size": str(world),
+        "image_column": str(cfg.image_column),
         "tower_arch": tower.architecture,
         "tower_weights": tower.fingerprint,
     }
@@ -257,56 +338,7 @@ def _init_distributed(device: str) -> tuple[int, int, bool]:
     return 0, 1, False
 
 
-def _device(name: str | None) -> str:
-    """The device asked for; a bare ``cuda`` (or none, with a GPU) means this rank's GPU."""
-    if name and name != "cuda":
-        return name
-    if name == "cuda" or torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
-def _partial_path(out: Path, rank: int, world: int) -> Path:
-    suffix = ".partial" if world == 1 else f".partial.rank{rank}"
-    return out.with_name(out.name + suffix)
-
-
-def _save_partial(path: Path, state: _State, identity: dict[str, str]) -> None:
-    calibration = state.calibration
-    meta = dict(
-        identity,
-        format=PARTIAL_FORMAT,
-        next_batch=str(state.next_batch),
-        tokens=json.dumps(asdict(calibration.tokens)),
-        skipped=json.dumps(state.skipped),
-    )
-    tensors = {"sum": calibration.sum.cpu(), "count": calibration.count.cpu()}
-    atomic_save(tensors, path, meta)
-
-
-def _load_partial(path: Path, state: _State, identity: dict[str, str]) -> None:
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
-            meta = dict(fh.metadata() or {})
-    except Exception as exc:  # any unreadable checkpoint gets the same one-line answer
-        raise DyMUError(f"cannot resume from {path}: {exc}") from None
-    if meta.get("format") != PARTIAL_FORMAT:
-        raise DyMUError(f"cannot resume from {path}: not a dymu checkpoint")
-    for key in _RESUME_KEYS:
-        if meta.get(key) != identity[key]:
-            raise DyMUError(
-                f"cannot resume from {path}: {key} was {meta.get(key)!r}, now {identity[key]!r}"
-            )
-    calibration = state.calibration
-    calibration.sum += tensors["sum"].to(calibration.sum.device)
-    calibration.count += tensors["count"].to(calibration.count.device)
-    calibration.tokens = TokenStats(**json.loads(meta["tokens"]))
-    state.skipped = json.loads(meta["skipped"])
-    state.next_batch = int(meta["next_batch"])
-
-
-def _reduce(state: _State, world: int) -> list[dict]:
+def _reduce(state: Progress, world: int) -> list[dict]:
     """Add up every rank's statistics into ``state`` (once, at the end); all skipped images."""
     calibration, skipped = state.calibration, state.skipped
     if world == 1:

@@ -9,9 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import open_clip
-import torch
-
 from .errors import DyMUError
 
 _NAME = re.compile(r"^(?P<base>.+?)-tome(?:-(?P<keep>\d+)out)?(?P<sched>-linear|-reverse-linear)?$")
@@ -39,6 +36,8 @@ def resolve_name(name: str) -> ModelSpec:
             "e.g. 'ViT-L-14-336-tome' or 'ViT-B-16-tome-100out-linear'"
         )
     base = match["base"]
+    import open_clip  # imported here: ``import dymu.names`` stays light
+
     cfg = open_clip.get_model_config(base)
     if cfg is None:
         raise DyMUError(
@@ -62,6 +61,8 @@ def resolve_name(name: str) -> ModelSpec:
 def _timm_geometry(base: str, timm_name: str) -> tuple[int, int, int]:
     """(blocks, patches, prefix tokens) of a timm trunk, built on the meta device (no memory,
     no weights) so the name is checked before anything is loaded."""
+    import torch
+
     try:
         import timm
         from timm.models.vision_transformer import VisionTransformer

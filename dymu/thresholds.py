@@ -272,12 +272,28 @@ _FINGERPRINT_ROWS = 4
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta: dict) -> None:
-    """Write a safetensors file so that a crash never leaves a half-written one behind."""
+    """Write a safetensors file so that a crash never leaves a half-written one behind.
+
+    A temporary file is renamed over ``path``; it gets the permissions any new file gets
+    (``0666`` less the umask: safetensors alone writes ``0600``, which would make files shared
+    through ``$DYMU_THRESHOLDS`` unreadable to others), and is removed if writing fails.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _check_values(values: torch.Tensor, source: str) -> None:

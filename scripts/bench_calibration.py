@@ -151,6 +151,7 @@ def calibration_config(args: argparse.Namespace, data: Path, out: Path) -> Calib
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         checkpoint_every=0,
+        inference_sample=0,  # time the calibration pass alone
         device="cpu",
     )
 

@@ -88,11 +88,15 @@ def test_encode_prints_counts(mixed_dir, thresholds_file, capsys):
         capsys,
     )
     assert code == 0, err
-    lines = out.strip().splitlines()
+    *lines, summary = out.strip().splitlines()
     assert len(lines) == 2 and all("tokens" in line and "per block" in line for line in lines)
     per_block = [int(v) for v in lines[0].split("per block:")[1].split()]
     assert len(per_block) == 4 and per_block == sorted(per_block, reverse=True)
     assert int(lines[0].split()[1]) == per_block[-1]
+    counts = [int(line.split()[1]) for line in lines]
+    meta = Thresholds.load(thresholds_file).metadata
+    assert summary.startswith(f"mean {sum(counts) / 2:.1f} tokens over 2 images (the thresholds")
+    assert f"kept {meta['inference_tokens_mean']} on average" in summary
 
 
 def test_encode_shows_merged_groups(mixed_dir, thresholds_file, tmp_path, capsys):
@@ -181,10 +185,12 @@ def test_unknown_model(photo_dir, capsys, model, message):
     "extra,message",
     [
         (["--r-total", "500"], "r_total 500 would keep -436 of the 64 patches"),
-        (["--r-total", "-1"], "it must be 0 .. 63"),
-        (["--max-images", "0"], "--max-images must be at least 1, got 0"),
-        (["--max-images", "-3"], "--max-images must be at least 1"),
-        (["--num-workers", "-1"], "--num-workers must be 0"),
+        (["--r-total", "-1"], "argument --r-total: must be at least 0, got -1"),
+        (["--max-images", "0"], "argument --max-images: must be at least 1, got 0"),
+        (["--max-images", "-3"], "argument --max-images: must be at least 1"),
+        (["--num-workers", "-1"], "argument --num-workers: must be at least 0, got -1"),
+        (["--batch-size", "x"], "argument --batch-size: 'x' is not a whole number"),
+        (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
     ],
 )
 def test_out_of_range_options_are_refused_in_one_line(photo_dir, tmp_path, capsys, extra, message):
@@ -193,7 +199,7 @@ def test_out_of_range_options_are_refused_in_one_line(photo_dir, tmp_path, capsy
     code, _, err = run(find_thresholds_main, [*args, "--out", out, *extra], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and message in lines[-1] and "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() and "calibrating" not in err
 
 
 def test_unavailable_weights(photo_dir, capsys):

@@ -145,7 +145,9 @@ def test_find_resume_torchrun_and_encode(key, folders, data, tmp_path, capsys):
     code = run(encode_main, args)
     stdout, err = capsys.readouterr()
     assert code == 0, err
-    counts = [int(line.split()[1]) for line in stdout.strip().splitlines()]
+    *lines, summary = stdout.strip().splitlines()
+    counts = [int(line.split()[1]) for line in lines]
+    assert summary.startswith(f"mean {sum(counts) / 2:.1f} tokens over 2 images")
     enc = dymu.load_encoder(folder, thresholds=out)
     with torch.inference_mode():
         expected = [int(enc(enc.preprocess(Image.open(p))[None]).lengths[0]) for p in images]
@@ -223,7 +225,11 @@ def test_the_job_and_find_thresholds_share_one_core(folders, data, tmp_path):
     direct = dymu.find_thresholds(enc, batches)
     assert torch.equal(job.count, direct.count)
     assert torch.allclose(job.sum, direct.sum, rtol=0, atol=1e-12)
-    skip = {"created"}
+    job_only = {"covers", "calibration_tokens_mean"} | {
+        k for k in job.metadata if k.startswith("inference_")
+    }  # what the job adds: the data it covered, token counts
+    assert job_only <= set(job.metadata)
+    skip = {"created"} | job_only
     assert {k: v for k, v in job.metadata.items() if k not in skip} == {
         k: v for k, v in direct.metadata.items() if k not in skip
     }

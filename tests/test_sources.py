@@ -334,12 +334,13 @@ def test_broken_shards_are_reported_not_fatal(photos, tmp_path):
 
 
 def test_each_rank_gets_its_own_gpu(monkeypatch):
-    from dymu.job import _device
+    from dymu.devices import resolve_device
 
     monkeypatch.setenv("LOCAL_RANK", "3")
-    assert _device("cuda") == "cuda:3"  # a bare cuda under torchrun: this rank's GPU
-    assert _device("cuda:1") == "cuda:1" and _device("cpu") == "cpu"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _device(None) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert _device(None) == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert resolve_device("cuda") == "cuda:3"  # a bare cuda under torchrun: this rank's GPU
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"
+    assert resolve_device(None) == "cuda:3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu"

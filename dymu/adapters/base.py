@@ -10,7 +10,7 @@ in turn.
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -101,6 +101,20 @@ class TowerAdapter(nn.Module, metaclass=ABCMeta):
         none; a head that cannot take sizes raises :class:`DyMUError`."""
         return []
 
+    def __repr__(self) -> str:
+        """The wrapped model once: submodules an adapter keeps as shortcuts into it
+        (``blocks``, ``core``, ``trunk``) stay registered, so ``state_dict`` keeps their
+        keys, but are not listed again."""
+        children = list(self._modules.items())
+        modules = [child for _, child in children]
+        lines = [self.extra_repr()] if self.extra_repr() else []
+        for i, (name, child) in enumerate(children):
+            if child is not None and not _is_shortcut(i, modules):
+                lines.append(f"({name}): " + repr(child).replace("\n", "\n  "))
+        if not lines:
+            return f"{self._get_name()}()"
+        return f"{self._get_name()}(\n  " + "\n  ".join(lines) + "\n)"
+
     @property
     def num_patches(self) -> int:
         return self.num_tokens - self.num_prefix_tokens
@@ -137,6 +151,17 @@ class TowerAdapter(nn.Module, metaclass=ABCMeta):
             resize_mode=self.resize_mode,
             interpolation=self.interpolation,
         )
+
+
+def _is_shortcut(index: int, modules: Sequence[nn.Module | None]) -> bool:
+    """Whether child ``index`` repeats an earlier child or lies inside another child."""
+    child = modules[index]
+    if any(m is child for m in modules[:index]):
+        return True
+    return any(
+        other is not None and other is not child and any(m is child for m in other.modules())
+        for other in modules
+    )
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

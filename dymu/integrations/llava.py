@@ -27,7 +27,7 @@ import open_clip
 import torch
 from torch import nn
 
-from ..errors import DyMUError
+from ..errors import DyMUError, MissingThresholds
 from ..factory import load_encoder
 from ..layouts import marker_rows, read_markers, slot_mapping
 from ..names import resolve_name
@@ -78,14 +78,22 @@ class DyMULlavaTower(nn.Module):
             layers = open_clip.get_model_config(resolve_name(self.vision_tower_name).base)
             blocks = layers["vision_cfg"]["layers"]
             fixed = dict(schedule=tome_schedule(self.fixed_r, blocks), fixed_r=True)
-        self.encoder = load_encoder(
-            self.vision_tower_name,
-            self.pretrained,
-            thresholds=self.thresholds,
-            select_layer=self.select_layer,
-            drop_cls=self.select_feature == "patch",
-            **fixed,
-        )
+        try:
+            self.encoder = load_encoder(
+                self.vision_tower_name,
+                self.pretrained,
+                thresholds=self.thresholds,
+                select_layer=self.select_layer,
+                drop_cls=self.select_feature == "patch",
+                **fixed,
+            )
+        except MissingThresholds as exc:  # advice for a LLaVA config, not for Python
+            raise DyMUError(
+                exc.advice(
+                    'set "dymu_thresholds": FILE in the model\'s config.json',
+                    '"dymu_r" merges a fixed number per block instead',
+                )
+            ) from None
         size = self.cfg_only.image_size
         self.image_processor = CLIPImageProcessor(
             size={"shortest_edge": size},

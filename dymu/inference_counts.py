@@ -1,0 +1,55 @@
+"""What thresholds keep at inference, measured right after calibration.
+
+The batch rule's count during calibration is ``num_tokens - r_total`` by construction; the
+thresholds, applied image by image, keep a different number. This encodes the first images
+of the stream with the found thresholds so the file can say which (README: two token counts).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .data import ImageStream, iterate_batches
+from .encoder import DyMUEncoder
+from .thresholds import Thresholds
+
+if TYPE_CHECKING:
+    from .job import CalibrationConfig
+
+
+def inference_tokens(
+    encoder: DyMUEncoder, thresholds: Thresholds, source, cfg: CalibrationConfig
+) -> dict[str, str]:
+    """Tokens per image when the first images of the stream are encoded with ``thresholds``:
+    what inference will keep, which differs from the batch rule's count during calibration
+    (a mean threshold applied image by image is not the batch's top-r). Metadata entries."""
+    count = min(cfg.inference_sample, cfg.max_images or cfg.inference_sample)
+    stream = ImageStream(
+        source,
+        encoder.preprocess,
+        max_images=count,
+        shuffle_seed=cfg.shuffle_seed,
+        max_pixels=cfg.max_pixels,
+    )
+    previous = encoder.thresholds
+    encoder.set_thresholds(thresholds)
+    lengths = []
+    try:
+        with torch.inference_mode():
+            for batch in iterate_batches(stream, cfg.batch_size, cfg.num_workers):
+                if batch.pixels is not None:
+                    lengths.append(encoder(batch.pixels).lengths.cpu())
+    finally:
+        encoder.thresholds = previous
+    if not lengths:
+        return {}
+    values = torch.cat(lengths).double()
+    return {
+        "inference_images": str(values.numel()),
+        "inference_tokens_mean": f"{values.mean().item():.2f}",
+        "inference_tokens_std": f"{values.std(unbiased=False).item():.2f}",
+        "inference_tokens_min": str(int(values.min())),
+        "inference_tokens_max": str(int(values.max())),
+    }
