@@ -53,18 +53,18 @@ class Progress:
     calibration: CalibrationState
     skipped: list[dict] = field(default_factory=list)
     next_batch: int = 0
-    mark_: _Mark | None = None
+    last: _Mark | None = None  # the last consistent instant
 
     def mark(self) -> None:
         """Remember this instant as consistent (after a batch is fully counted)."""
         c = self.calibration
-        self.mark_ = _Mark(
+        self.last = _Mark(
             c.sum.clone(), c.count.clone(), replace(c.tokens), len(self.skipped), self.next_batch
         )
 
     def save(self, path: Path, identity: dict[str, str]) -> bool:
         """Write the last mark to ``path``; ``False`` when there was nothing to keep."""
-        mark = self.mark_
+        mark = self.last
         if mark is None:
             return False
         meta = dict(

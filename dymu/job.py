@@ -140,8 +140,8 @@ def _run(
         )
     identity = _run_identity(cfg, encoder, world)
     partial = partial_path(cfg.out_path, rank, world)
-    param = next(encoder.parameters())
-    progress = Progress(CalibrationState(encoder.tower.num_blocks, param.device))
+    where = next(encoder.parameters()).device  # statistics stay beside the model
+    progress = Progress(CalibrationState(encoder.tower.num_blocks, where))
     _start_or_resume(cfg, progress, partial, identity)
     stream = ImageStream(
         source,
@@ -162,6 +162,22 @@ def _run(
     except BaseException as exc:
         _keep_progress(exc, progress, partial, identity, cfg)
         raise
+    result = _finish(cfg, encoder, source, progress, partial, (rank, world))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _finish(
+    cfg: CalibrationConfig,
+    encoder: DyMUEncoder,
+    source,
+    progress: Progress,
+    partial: Path,
+    placement: tuple[int, int],
+) -> CalibrationResult:
+    """Every rank's statistics added up, the file's metadata (what it covered, both token
+    counts) and the file written by rank 0."""
+    rank, world = placement
     skipped = _reduce(progress, world)
     tokens = progress.calibration.tokens
     if tokens.images == 0:
@@ -175,10 +191,9 @@ def _run(
     )
     if rank == 0 and cfg.inference_sample:
         result.metadata.update(inference_tokens(encoder, result, source, cfg))
-    _write_result(cfg, result, skipped, partial, (rank, world), param.device)
-    return CalibrationResult(
-        result, tokens, skipped, time.perf_counter() - start, encoder.tower.num_tokens
-    )
+    device = progress.calibration.sum.device
+    _write_result(cfg, result, skipped, partial, placement, device)
+    return CalibrationResult(result, tokens, skipped, num_tokens=encoder.tower.num_tokens)
 
 
 @dataclass(frozen=True)
@@ -248,7 +263,7 @@ def _keep_progress(
     """Save the last counted batch whatever stopped the run, and say where in the error."""
     if not progress.save(partial, identity):
         return
-    where = f"progress up to batch {progress.mark_.next_batch} is in {partial}"
+    where = f"progress before batch {progress.last.next_batch} is in {partial}"
     if isinstance(exc, torch.OutOfMemoryError):
         raise DyMUError(
             f"out of memory at --batch-size {cfg.batch_size}: try a smaller one (a fresh run: "

@@ -96,7 +96,7 @@ def test_decompression_bomb_is_fatal_only_with_strict(with_bomb, tmp_path, capsy
     code, _, err = run(find_thresholds_main, args, capsys)
     line = one_line(err)
     assert code == 2 and "bomb.png: too large" in line and "(--strict)" in line
-    assert f"progress up to batch 1 is in {out}.partial" in line  # the first image is kept
+    assert f"progress before batch 1 is in {out}.partial" in line  # the first image is kept
     assert Path(f"{out}.partial").exists() and not out.exists()
 
 
