@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
 from .adapters.base import TowerAdapter
+from .attention import attend
 from .errors import DyMUError
 from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, threshold_rule
 from .thresholds import Thresholds
@@ -56,13 +56,15 @@ def run_block(
     tokens: Tokens,
     merging: Merging | None,
     prop_attn: bool = True,
+    attention: str = "auto",
 ) -> Tokens:
-    """Attention (with ``log(size)`` bias when ``prop_attn``), the merge, the MLP."""
+    """Attention (with ``log(size)`` bias when ``prop_attn``; ``attention`` picks how images
+    of different lengths attend, :mod:`dymu.attention`), the merge, the MLP."""
     x, packing, prefix = tokens.x, tokens.packing, tower.num_prefix_tokens
     heads, dim = tower.num_heads, x.shape[-1]
     q, k, v = tower.qkv(block, x)
     bias_sizes = tokens.sizes if prop_attn else None
-    x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias_sizes))
+    x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias_sizes, attention))
     tokens = replace(tokens, x=x)
     if merging is not None and packing.width - prefix >= 2:
         metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
@@ -107,47 +109,3 @@ def threshold_merging(
         else:
             out.append(None)
     return out
-
-
-def attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    heads: int,
-    packing: Packing,
-    sizes: torch.Tensor | None,
-) -> torch.Tensor:
-    """Multi-head attention on packed tokens, each image attending only to itself.
-
-    Proportional attention adds ``log(size)`` of every key as a broadcast ``(b, 1, 1, n)``
-    bias. Images of equal length share one batched call; otherwise one call per image, so
-    no image pays for the longest one.
-    """
-    lengths = packing.lengths
-    if packing.uniform:
-        return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
-    parts = zip(
-        q.split(lengths),
-        k.split(lengths),
-        v.split(lengths),
-        sizes.split(lengths) if sizes is not None else [None] * len(lengths),
-        lengths,
-        strict=True,
-    )
-    return torch.cat([_sdpa(qi, ki, vi, si, heads, 1, n) for qi, ki, vi, si, n in parts])
-
-
-def _sdpa(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    sizes: torch.Tensor | None,
-    heads: int,
-    bsz: int,
-    n: int,
-) -> torch.Tensor:
-    dim = q.shape[-1]
-    q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
-    bias = None if sizes is None else sizes.log().view(bsz, 1, 1, n).to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return out.transpose(1, 2).reshape(bsz * n, dim)

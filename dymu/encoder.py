@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .adapters.base import Inputs, TowerAdapter
+from .attention import check_mode
 from .blocks import Merging, Tokens, run_block, threshold_merging
 from .errors import DyMUError, MissingThresholds
 from .merge import Packing, batch_rule
@@ -51,6 +52,8 @@ class DyMUEncoder(nn.Module):
     -2): only the blocks up to it run. ``drop_cls`` removes the prefix tokens (class token,
     registers) from the output: LLaVA's 'patch' features. With ``fixed_r`` every image merges
     exactly ``r[l]`` tokens in block ``l`` (ToMe, DESIGN 10) and no thresholds are needed.
+    ``attention`` says how images of different lengths attend (:mod:`dymu.attention`:
+    ``auto``, ``loop``, ``nested``, ``flex``); every way gives the same result.
     """
 
     def __init__(
@@ -63,9 +66,11 @@ class DyMUEncoder(nn.Module):
         name: str | None = None,
         preprocess: Callable | None = None,
         fixed_r: bool = False,
+        attention: str = "auto",
     ) -> None:
         super().__init__()
         self.tower = tower
+        self.attention = check_mode(attention)
         self.name = name or type(tower).__name__
         if len(r) != tower.num_blocks:
             raise DyMUError(
@@ -193,7 +198,7 @@ class DyMUEncoder(nn.Module):
         block_lengths = []
         for block in range(num_run):
             step = merging[block] if block < len(merging) else None
-            tokens = run_block(tower, block, tokens, step)
+            tokens = run_block(tower, block, tokens, step, attention=self.attention)
             block_lengths.append(tokens.lengths)
         sizes = tokens.sizes
         if sizes is None:

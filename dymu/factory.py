@@ -60,6 +60,7 @@ def build_encoder(
     drop_cls: bool = False,
     seed: int = 0,
     fixed_r: bool = False,
+    attention: str = "auto",
 ) -> DyMUEncoder:
     """An encoder without thresholds (what calibration starts from).
 
@@ -71,7 +72,8 @@ def build_encoder(
     used as they are (device, dtype and train/eval mode unchanged unless ``device``/``dtype``
     are given). Without ``r_total`` a name's own budget applies; folders and instances keep a
     third of the patches. With ``fixed_r`` every image merges exactly the schedule's ``r`` per
-    block (ToMe, DESIGN 10) and needs no thresholds.
+    block (ToMe, DESIGN 10) and needs no thresholds. ``attention`` picks how images of
+    different lengths attend (:mod:`dymu.attention`; the default suits the device).
     """
     source = _resolve(model, pretrained, seed, dtype, device)
     tower = source.tower
@@ -94,6 +96,7 @@ def build_encoder(
         name=source.name,
         preprocess=source.preprocess,
         fixed_r=fixed_r,
+        attention=attention,
     )
     encoder.pretrained = source.pretrained
     if isinstance(schedule, str):
@@ -117,7 +120,7 @@ def load_encoder(
     ``thresholds`` is a file, a :class:`Thresholds` or ``None`` (for dymu names: look the name
     up in the shipped ``thresholds/`` folder, then ``$DYMU_THRESHOLDS``). Thresholds made for
     another tower are refused. ``overrides`` go to :func:`build_encoder` (``r_total``,
-    ``schedule``, ``select_layer``, ``drop_cls``, ``seed``, ``fixed_r``).
+    ``schedule``, ``select_layer``, ``drop_cls``, ``seed``, ``fixed_r``, ``attention``).
     """
     encoder = build_encoder(model, pretrained, device=device, dtype=dtype, **overrides)
     if not encoder.merges or encoder.fixed_r:

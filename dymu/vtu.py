@@ -14,6 +14,7 @@ whose length differs from it (decoding steps), run the unpatched code.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -39,17 +40,37 @@ def apply_vtu(model: nn.Module) -> nn.Module:
         base.register_forward_hook(_expand_hook, with_kwargs=True),
     ]
     setattr(base, _STATE, handles)
-    # name the argument in the instance's signature, so generate() accepts and forwards it
-    patch(model, "forward", forward_with_mapping)
+    patch_forward_with_mapping(model)
     return model
 
 
-def forward_with_mapping(self: nn.Module, *args, vtu_mapping: torch.Tensor | None = None, **kwargs):
-    """A forward whose signature names ``vtu_mapping`` (patched onto instances, so that
-    ``generate()`` accepts the argument and passes it on at every step)."""
-    if vtu_mapping is not None:
-        kwargs["vtu_mapping"] = vtu_mapping
-    return call_prior(self, "forward", *args, **kwargs)
+def patch_forward_with_mapping(model: nn.Module) -> None:
+    """Patch ``model.forward`` to take ``vtu_mapping`` and pass it on.
+
+    ``generate()`` reads the forward's signature: it forwards only arguments the signature
+    names, and asks for logits at the last position only (``logits_to_keep=1``) only when the
+    signature names that. So the patch's signature is the forward's own plus ``vtu_mapping``
+    (without ``logits_to_keep`` in it, a prefill computed logits for every prompt position).
+    """
+    before = inspect.signature(model.forward)
+
+    def forward(self: nn.Module, *args, vtu_mapping: torch.Tensor | None = None, **kwargs):
+        if vtu_mapping is not None:
+            kwargs["vtu_mapping"] = vtu_mapping
+        return call_prior(self, "forward", *args, **kwargs)
+
+    forward.__signature__ = _with_mapping(before)
+    patch(model, "forward", forward)
+
+
+def _with_mapping(bound: inspect.Signature) -> inspect.Signature:
+    """The unbound signature of a forward (``self`` first) with a keyword ``vtu_mapping``."""
+    params = [p for p in bound.parameters.values() if p.name != "vtu_mapping"]
+    mapping = inspect.Parameter("vtu_mapping", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    params.insert(at, mapping)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return bound.replace(parameters=[this, *params])
 
 
 def remove_vtu(model: nn.Module) -> nn.Module:

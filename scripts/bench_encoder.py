@@ -37,17 +37,21 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import dymu
+from dymu.attention import ATTENTION_MODES
 from dymu.data import load_rgb, open_source
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [
@@ -99,6 +103,7 @@ class Row:
     pad_bound: float
     final_tokens: float
     block_tokens: list[float]
+    ways: dict[str, float] = field(default_factory=dict)  # ms of the other attention ways
 
     @property
     def speedup(self) -> float:
@@ -153,54 +158,62 @@ def flop_bounds(enc: dymu.DyMUEncoder, block_lengths: torch.Tensor) -> tuple[flo
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    warmup: int,
+    sync: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """Median ms of each function, interleaved; the order rotates every rep."""
+    """Median ms of each function, interleaved; the order rotates every rep. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) runs before the clock starts and stops."""
     times: dict[str, list[float]] = {key: [] for key in fns}
     items = list(fns.items())
+    sync = sync or (lambda: None)
     for rep in range(warmup + reps):
         shift = rep % len(items)
         for key, fn in items[shift:] + items[:shift]:
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             elapsed = (time.perf_counter() - start) * 1e3
             if rep >= warmup:
                 times[key].append(elapsed)
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def build(name: str) -> dymu.DyMUEncoder:
+def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dymu.DyMUEncoder:
     """A dymu name, or ``hf-<shape>-tome-<K>out``: a transformers SigLIP tower (random)."""
     base, _, keep = name.partition("-tome-")
     if base not in HF_SIGLIP:
-        return dymu.build_encoder(name, pretrained=None)
+        return dymu.build_encoder(name, pretrained=None, device=device, dtype=dtype)
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     torch.manual_seed(0)
     config = SiglipVisionConfig(**HF_SIGLIP[base])
-    model = SiglipVisionModel(config).eval()
+    model = SiglipVisionModel(config).eval().to(device=device, dtype=dtype)
     patches = (config.image_size // config.patch_size) ** 2
     enc = dymu.build_encoder(model, r_total=patches - int(keep.removesuffix("out")))
     enc.name = name
     return enc
 
 
-def bench_model(
-    name: str, data: Path, batch_sizes: list[int], reps: int, warmup: int, b1_image: int | None
-) -> list[Row]:
-    enc = build(name)
-    paths = list(open_source(str(data)).paths)
+def bench_model(name: str, args: argparse.Namespace, reps: int, warmup: int) -> list[Row]:
+    enc = build(name, args.device, DTYPES[args.dtype])
+    paths = list(open_source(str(args.data)).paths)
     pixels = torch.stack([enc.preprocess(load_rgb(p)) for p in paths])
+    pixels = pixels.to(args.device, DTYPES[args.dtype])
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     calib = [pixels[i : i + 4] for i in range(0, len(pixels), 4)]
     enc.set_thresholds(dymu.find_thresholds(enc, calib))
     # dymu's own block loop with merging off: separates the merging gain from kernel choice
     plain = dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval()
     with torch.inference_mode():
-        final = torch.cat([enc(p[None]).lengths for p in pixels])
+        final = torch.cat([enc(p[None]).lengths for p in pixels]).cpu()
+    b1_image = args.b1_image
     if b1_image is None:  # the photo with the median final token count
         b1_image = int(final.argsort()[(len(final) - 1) // 2])
     rows = []
-    for bsz in batch_sizes:
+    for bsz in args.batch_sizes:
         if bsz == 1:
             batch = pixels[b1_image : b1_image + 1]
         else:
@@ -210,7 +223,8 @@ def bench_model(
             with torch.inference_mode():
                 return enc.tower.module(batch)
 
-        def run_dymu(batch: torch.Tensor = batch) -> object:
+        def run_dymu(batch: torch.Tensor = batch, way: str = args.attention[0]) -> object:
+            enc.attention = way
             with torch.inference_mode():
                 return enc(batch)
 
@@ -218,9 +232,11 @@ def bench_model(
             with torch.inference_mode():
                 return plain(batch)
 
-        ms = time_interleaved(
-            {"vanilla": run_vanilla, "dymu": run_dymu, "plain": run_plain}, reps, warmup
-        )
+        fns = {"vanilla": run_vanilla, "dymu": run_dymu, "plain": run_plain}
+        for way in args.attention[1:]:  # the other ways images of different lengths attend
+            fns[way] = functools.partial(run_dymu, batch, way)
+        ms = time_interleaved(fns, reps, warmup, sync)
+        enc.attention = args.attention[0]
         with torch.inference_mode():
             out = enc(batch)
         bound, pad_bound = flop_bounds(enc, out.block_lengths)
@@ -235,6 +251,7 @@ def bench_model(
                 pad_bound=pad_bound,
                 final_tokens=out.lengths.float().mean().item(),
                 block_tokens=out.block_lengths.float().mean(0).tolist(),
+                ways={way: ms[way] for way in args.attention[1:]},
             )
         )
     return rows
@@ -263,6 +280,16 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         blocks = " ".join(f"{v:.0f}" for v in r.block_tokens)
         print(f"  {r.model} b{r.batch}: {blocks}")
+
+
+def print_ways(rows: list[Row], first: str) -> None:
+    """dymu's time with each way images of different lengths attend (--attention)."""
+    ways = list(rows[0].ways)
+    print(f"\nattention ways (dymu ms; x = time / {first}'s, measured in the same run):")
+    print(f"{'model':<36} {'batch':>5} {first:>12}" + "".join(f" {w:>16}" for w in ways))
+    for r in rows:
+        cells = "".join(f" {r.ways[w]:>9.1f} {r.ways[w] / r.dymu_ms:>5.2f}x" for w in ways)
+        print(f"{r.model:<36} {r.batch:>5} {r.dymu_ms:>12.1f}{cells}")
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -314,20 +341,37 @@ def main() -> None:
         "--b1-image", type=int, default=None, help="photo index for batch 1 (default: median)"
     )
     parser.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on cuda, else fp32"
+    )
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["auto"],
+        choices=ATTENTION_MODES,
+        help="how images of different lengths attend (dymu.attention); the first is the "
+        "table's dymu, the others are timed beside it in the same run (default: auto)",
+    )
     args = parser.parse_args()
+    if args.dtype is None:
+        args.dtype = "fp16" if args.device.startswith("cuda") else "fp32"
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = args.models or (QUICK_MODELS if args.quick else DEFAULT_MODELS)
-    batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
+    args.batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
     warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     rows = []
     start = time.perf_counter()
     for name in models:
         reps = args.reps or (1 if args.quick else DEFAULT_REPS.get(name, default_reps(name)))
-        rows += bench_model(name, args.data, batch_sizes, reps, warmup, args.b1_image)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        rows += bench_model(name, args, reps, warmup)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads")
     print_table(rows)
+    if len(args.attention) > 1:
+        print_ways(rows, args.attention[0])
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.plot:
         plot(rows, args.plot)

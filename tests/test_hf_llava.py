@@ -200,3 +200,13 @@ def test_generate_encodes_with_dymu_and_matches_naive_step_by_step(calibrated):
             seq = torch.cat([seq, model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
             mapping = torch.cat([mapping, mapping.max()[None, None] + 1], 1)
     assert out[0, -steps:].tolist() == tokens
+
+
+def test_encoder_of_names_the_applied_encoder():
+    model = build()
+    assert hf_llava.encoder_of(model) is None
+    hf_llava.apply(model, r=2)
+    encoder = hf_llava.encoder_of(model)
+    assert isinstance(encoder, dymu.DyMUEncoder) and encoder is hf_llava.encoder_of(model.model)
+    hf_llava.remove(model)
+    assert hf_llava.encoder_of(model) is None

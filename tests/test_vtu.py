@@ -103,6 +103,30 @@ def test_greedy_generate_matches_naive_step_by_step(family):
     assert out[0, -steps:].tolist() == tokens
 
 
+def test_generate_asks_the_patched_model_for_last_position_logits_only():
+    """generate() passes logits_to_keep only to forwards whose signature names it."""
+    import inspect
+
+    model = build("llama")
+    apply_vtu(model)
+    apply_vtu(model)  # idempotent: one vtu_mapping in the signature
+    names = list(inspect.signature(model.forward).parameters)
+    assert "logits_to_keep" in names and names.count("vtu_mapping") == 1
+    head_lengths = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: head_lengths.append(out.shape[1]))
+    mapping = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 4, 5, 6]])
+    with torch.no_grad():
+        model.generate(
+            inputs_embeds=torch.randn(1, 10, 32),
+            attention_mask=torch.ones(1, 10, dtype=torch.long),
+            vtu_mapping=mapping,
+            max_new_tokens=3,
+            do_sample=False,
+        )
+    hook.remove()
+    assert head_lengths == [1, 1, 1]  # the prefill too: not all 10 prompt positions
+
+
 def test_apply_is_idempotent_and_remove_restores():
     model = build("llama")
     embeds = torch.randn(1, 10, 32)

@@ -31,7 +31,7 @@ from ..layouts import marker_rows, place_keys, read_markers, slot_mapping
 from ..patching import call_prior, patch, temporarily, unpatch
 from ..schedule import ToMeR, make_schedule, tome_schedule
 from ..thresholds import Thresholds
-from ..vtu import apply_vtu, expand_groups, forward_with_mapping, remove_vtu
+from ..vtu import apply_vtu, expand_groups, patch_forward_with_mapping, remove_vtu
 
 _STATE = "_dymu_llava"
 _CLASSES = {  # outer class -> its inner model class, in transformers
@@ -119,7 +119,7 @@ def apply(
     patch(vlm, "forward", _forward)
     if vtu and model is not vlm:  # generate() encodes before the first forward: add the mapping
         patch(model, "generate", _generate)
-        patch(model, "forward", forward_with_mapping)
+        patch_forward_with_mapping(model)
     return model
 
 
@@ -137,6 +137,13 @@ def remove(model: nn.Module) -> nn.Module:
     if state.vtu:
         remove_vtu(vlm.language_model)
     return model
+
+
+def encoder_of(model: nn.Module) -> DyMUEncoder | None:
+    """The DyMU encoder :func:`apply` put in ``model`` (None when not applied), e.g. for a
+    forward hook that counts the tokens each image keeps (the lmms-eval plugin does)."""
+    state = _vlm(model).__dict__.get(_STATE)
+    return None if state is None else state.encoder
 
 
 def _methods(vlm: nn.Module) -> list[str]:

@@ -1,0 +1,162 @@
+"""Attention over packed images of different lengths, each image attending only to itself.
+
+After a merging block the images of a batch have different lengths. Four ways to attend:
+
+* ``"loop"``: one SDPA call per image. No wasted work, but one launch per image per block
+  (fine on a CPU, hundreds of small kernels at batch 64 on a GPU).
+* ``"nested"``: one SDPA call over nested jagged tensors (``torch.nested``, the layout
+  transformers' and torch's varlen kernels take). NJT attention takes no mask, so the
+  ``log(size)`` bias of proportional attention rides in the scores themselves: one extra
+  head dimension holding ``sqrt(d)`` in the queries and ``log(size)`` in the keys adds
+  exactly ``log(size_j)`` to every score ``q.k_j / sqrt(d)`` (the scale is fixed at the
+  original ``1 / sqrt(d)``; the dimension is padded to a multiple of 8 for fused kernels).
+* ``"flex"``: FlexAttention over the whole packed sequence with a block mask that keeps
+  every image to itself and a ``score_mod`` adding ``log(size)``; compiled on a GPU (on a
+  CPU it runs unfused, for checking only).
+* ``"auto"`` (default): images of one length share one batched SDPA call (all ways give
+  the same there); otherwise ``"nested"`` on CUDA and ``"loop"`` elsewhere.
+
+Every way gives the per-image result (to 1e-5 in fp32; tests/test_attention.py). Lengths are
+read from the packing's host copy, so none of them synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import functools
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+
+from .errors import DyMUError
+from .merge import Packing
+
+ATTENTION_MODES = ("auto", "loop", "nested", "flex")
+_BIAS_DIMS = 8  # the extra head dimensions of the nested way (one used, padded to 8)
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`ATTENTION_MODES`, else a one-line error."""
+    if mode not in ATTENTION_MODES:
+        raise DyMUError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
+    return mode
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    packing: Packing,
+    sizes: torch.Tensor | None,
+    mode: str = "auto",
+) -> torch.Tensor:
+    """Multi-head attention on packed ``(T, D)`` tokens; ``sizes`` ``(T,)`` adds ``log(size)``
+    of every key to its scores (proportional attention). Returns ``(T, D)``."""
+    lengths = packing.lengths
+    if packing.uniform and mode != "flex":
+        return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
+    if mode == "auto":
+        mode = "nested" if q.device.type == "cuda" else "loop"
+    if mode == "nested":
+        return _nested(q, k, v, heads, lengths, sizes)
+    if mode == "flex":
+        return _flex(q, k, v, heads, packing, sizes)
+    parts = zip(
+        q.split(lengths),
+        k.split(lengths),
+        v.split(lengths),
+        sizes.split(lengths) if sizes is not None else [None] * len(lengths),
+        lengths,
+        strict=True,
+    )
+    return torch.cat([_sdpa(qi, ki, vi, si, heads, 1, n) for qi, ki, vi, si, n in parts])
+
+
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sizes: torch.Tensor | None,
+    heads: int,
+    bsz: int,
+    n: int,
+) -> torch.Tensor:
+    """``bsz`` images of ``n`` tokens each, in one call; the bias is a broadcast row."""
+    dim = q.shape[-1]
+    q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    bias = None if sizes is None else sizes.log().view(bsz, 1, 1, n).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return out.transpose(1, 2).reshape(bsz * n, dim)
+
+
+def _nested(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    lengths: tuple[int, ...],
+    sizes: torch.Tensor | None,
+) -> torch.Tensor:
+    """One SDPA call on nested jagged tensors; the bias folded into an extra dimension."""
+    total, dim = q.shape
+    d = dim // heads
+    q, k, v = (t.view(total, heads, d) for t in (q, k, v))
+    if sizes is not None:
+        # scores = (q . k) * scale, with scale = 1/sqrt(d) for the original d:
+        # [q, sqrt(d), 0..] . [k, log(size), 0..] * scale = q . k / sqrt(d) + log(size)
+        pad = q.new_zeros(total, heads, _BIAS_DIMS - 1)
+        q = torch.cat([q, q.new_full((total, heads, 1), d**0.5), pad], -1)
+        log_size = sizes.log().to(k.dtype).view(total, 1, 1).expand(total, heads, 1)
+        k = torch.cat([k, log_size, pad], -1)
+        v = torch.cat([v, pad, pad[..., :1]], -1)
+    offsets = torch.tensor((0, *accumulate(lengths)), device=q.device)
+    nested = [
+        torch.nested.nested_tensor_from_jagged(
+            t, offsets, min_seqlen=min(lengths), max_seqlen=max(lengths)
+        ).transpose(1, 2)  # (B, heads, j, d): the layout SDPA takes
+        for t in (q, k, v)
+    ]
+    out = F.scaled_dot_product_attention(*nested, scale=d**-0.5)
+    return out.transpose(1, 2).values()[..., :d].reshape(total, dim)
+
+
+def _flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    packing: Packing,
+    sizes: torch.Tensor | None,
+) -> torch.Tensor:
+    """FlexAttention over the packed sequence: a block mask per image, ``log(size)`` added
+    by ``score_mod``."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    total, dim = q.shape
+    image = packing.batch
+
+    def same_image(b, h, q_idx, kv_idx):
+        return image[q_idx] == image[kv_idx]
+
+    mask = create_block_mask(same_image, None, None, total, total, device=q.device)
+    score_mod = None
+    if sizes is not None:
+        log_size = sizes.log().to(q.dtype)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + log_size[kv_idx]
+
+    q, k, v = (t.view(1, total, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
+    out = _flex_attention(q.device.type)(q, k, v, score_mod=score_mod, block_mask=mask)
+    return out.transpose(1, 2).reshape(total, dim)
+
+
+@functools.cache
+def _flex_attention(device_type: str):
+    """FlexAttention, compiled (once, for any length) where it has fused kernels: CUDA."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=True)
+    return flex_attention

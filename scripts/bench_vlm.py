@@ -1,0 +1,413 @@
+"""Benchmark DyMU end to end in a LLaVA-1.5-shaped model: time to first token and generation.
+
+The model is a transformers ``LlavaForConditionalGeneration`` built from configs with random
+(seeded) weights. ``--shape 7b`` (the default on ``--device cuda``, bf16) has llava-1.5-7b's
+shapes: a CLIP ViT-L-14-336 tower (24 layers, width 1024, 576 patches, features from layer
+-2, class token dropped), the mlp2x_gelu projector and a Llama-7B LM (32 layers, hidden 4096,
+32 heads, MLP 11008, vocab 32064). ``--small`` (the default on CPU) keeps the 336 px / 14 px
+grid of 576 patches in a narrow 6-layer tower (width 192) and a 4-layer Llama of hidden 512
+(MLP 1408, Llama's ratio), so that the LM dominates prefill as it does at 7B (about 3/4 of the
+vanilla prefill FLOPs here, 19/20 at 7B); ``--quick`` is a tiny smoke run (112 px,
+64 patches; what CI runs).
+
+Inputs are the bundled photos (``--data``) through a ``LlavaProcessor`` built offline (a
+``CLIPImageProcessor`` at the tower's size and a word-level tokenizer), one prompt per image:
+``USER: <image>\\nDescribe the image. ASSISTANT:`` (576 image tokens plus the text). Batch 1
+uses the photo whose kept token count is the median; larger batches take the photos in
+order, cycled.
+
+Thresholds are calibrated on the bundled photos (``dymu.find_thresholds``) for ``--keep``
+tokens per image on average over them (default 89 of 576, about the paper's DyMU-low budget
+for LLaVA-1.5); with random weights this fixes the budget, not what a trained tower keeps.
+The threshold rule then gives every photo its own count, printed per batch (mean/min/max).
+
+Three models share one set of weights (instances deep-copied with the parameters and
+buffers shared): ``vanilla`` (transformers, unpatched), ``dymu+VTU``
+(``hf_llava.apply(model, thresholds, vtu=True)``) and ``dymu no-VTU`` (``vtu=False``: the
+LM runs unchanged on the full-length prompt of repeated merged features). A check pass
+(one prefill and one generate of each: first-token logits, output shapes) also warms up;
+then, interleaved in one run (``bench_encoder.time_interleaved``: ``--warmup`` untimed reps,
+then the six calls in an order that rotates every rep; medians of ``--reps``: default 10 at
+batch 1, 5 above), under ``torch.inference_mode``, timed:
+
+* prefill: ``model(**inputs, use_cache=True, logits_to_keep=1)``, which is what
+  ``generate()`` runs before its first token: time to first token;
+* generate: greedy ``model.generate(**inputs, max_new_tokens=T, min_new_tokens=T)`` with
+  ``T = --new-tokens``; tokens/s = batch x T / time (prefill included).
+
+``bound`` = vanilla prefill FLOPs / dymu prefill FLOPs (per sequence, dymu's averaged over
+the batch): the vision tower as ``bench_encoder.image_flops`` counts it (vanilla runs all its
+layers, as transformers does, and keeps hidden state -2; dymu runs all but the last, at the
+measured per-block token counts), the projector ``2n(Dv*Dt + Dt*Dt)`` at 576 or the kept count, and
+the LM as ``bench_vtu.count_flops`` counts it (projections, MLP, causal attention, the head
+for the last position): vanilla and no-VTU at the full length N everywhere, VTU with
+projections and MLP at M slots (text tokens plus kept visual tokens) and attention at N.
+Norms, softmax, the patch-to-slot bookkeeping and the decode steps are not counted.
+``pad bound`` is the same with every sequence at the batch's most kept tokens: the VTU
+language model runs a batch at its longest M (the tower packs its tokens, so only the
+projector and the LM pad). ``ratio`` = speedup / bound. The first-token logits cosine
+(vanilla vs dymu) is printed for information: merged tokens change the logits.
+
+Run from the repository root::
+
+    python scripts/bench_vlm.py --small --threads 2          # the README's CPU figures
+    python scripts/bench_vlm.py --device cuda --new-tokens 32  # llava-1.5-7b shapes, bf16
+    python scripts/bench_vlm.py --quick                      # smoke run (what CI runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from bench_encoder import image_flops, plot, time_interleaved, tower_dims
+from bench_vtu import count_flops
+from torch import nn
+from transformers import LlavaProcessor
+
+import dymu
+from dymu.data import load_rgb, open_source
+from dymu.encoder import EncoderOutput
+from dymu.integrations import hf_llava
+from dymu.schedule import make_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"
+WORDS = "<unk> <s> </s> <image> USER : Describe the image . ASSISTANT".split()  # the vocabulary
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHAPES = {  # vision tower, LM, image size; patch 14 everywhere
+    "7b": dict(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32),
+        image=336,
+    ),
+    "small": dict(
+        vision=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=6,
+                    num_attention_heads=3),
+        text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=8),
+        image=336,
+    ),
+    "quick": dict(
+        vision=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=4,
+                    num_attention_heads=4),
+        text=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4),
+        image=112,
+    ),
+}  # fmt: skip
+VOCAB = 32064
+VARIANTS = {"vanilla": None, "dymu+VTU": True, "dymu no-VTU": False}  # name -> vtu
+
+
+@dataclass
+class Row:
+    model: str  # variant name (also the plot's label)
+    batch: int
+    tokens: list[int]  # visual tokens kept per image
+    positions: int  # full prompt length N
+    prefill_ms: float
+    generate_ms: float
+    flops: float  # prefill FLOPs per sequence (mean over the batch)
+    pad_flops: float  # the same with the batch padded to its most kept tokens
+    base: Row | None = None  # the vanilla row of this batch
+
+    @property
+    def speedup(self) -> float:
+        return self.base.prefill_ms / self.prefill_ms if self.base else 1.0
+
+    @property
+    def bound(self) -> float:
+        return self.base.flops / self.flops if self.base else 1.0
+
+    @property
+    def pad_bound(self) -> float:
+        return self.base.flops / self.pad_flops if self.base else 1.0
+
+    @property
+    def ratio(self) -> float:
+        return self.speedup / self.bound
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=list(SHAPES), default=None, help="default: 7b on cuda")
+    p.add_argument("--small", action="store_true", help="--shape small (the CPU figures)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke run (what CI runs)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="bf16 on cuda, else fp32")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
+    reps_help = "timed reps (default: 10 at batch 1, 5 above; quick 1)"
+    p.add_argument("--reps", type=int, default=None, help=reps_help)
+    p.add_argument("--warmup", type=int, default=0, help="untimed reps after the check pass")
+    p.add_argument("--new-tokens", type=int, default=None, help="default 32 on cuda, else 4")
+    keep_help = "visual tokens kept per image, mean over the photos (default 89; quick 16)"
+    p.add_argument("--keep", type=int, default=None, help=keep_help)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--data", type=Path, default=ROOT / "examples" / "images.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", default=None, help="save a bar chart here (needs matplotlib)")
+    args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.shape is None:
+        args.shape = "quick" if args.quick else "small" if args.small or not cuda else "7b"
+    args.dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    if args.quick:
+        args.reps = args.reps or 1
+    args.new_tokens = args.new_tokens or (32 if cuda else 2 if args.quick else 4)
+    if args.quick and args.batch_sizes == [1, 16]:
+        args.batch_sizes = [1, 2]
+    patches = (SHAPES[args.shape]["image"] // 14) ** 2
+    args.keep = args.keep or (16 if args.shape == "quick" else 89)
+    if not 0 < args.keep <= patches:
+        p.error(f"--keep must be in 1..{patches}")
+    return args
+
+
+def build_model(args: argparse.Namespace, image_token: int) -> torch.nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaForConditionalGeneration as Llava
+
+    shape = SHAPES[args.shape]
+    vision = CLIPVisionConfig(image_size=shape["image"], patch_size=14, **shape["vision"])
+    text = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **shape["text"])
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(shape["image"] // 14) ** 2,
+    )
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        model = Llava._from_config(config, dtype=args.dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def build_processor(image_size: int) -> LlavaProcessor:
+    """A ``LlavaProcessor`` without downloads: CLIP's image processor, a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", WORDS.index("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words,
+        unk_token="<unk>",
+        pad_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=["<image>"],
+    )
+    images = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A second instance holding the same parameter and buffer tensors (patched separately)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def calibrate(model: nn.Module, pixels: torch.Tensor, keep: int) -> dymu.Thresholds:
+    """Thresholds keeping ``keep`` tokens per image on average over ``pixels``: the
+    ``576 - keep`` merges spread over the blocks that run (up to the feature layer)."""
+    probe = hf_llava.build_encoder(model)
+    patches = probe.tower.num_tokens - probe.tower.num_prefix_tokens
+    run, idle = probe.num_run, probe.tower.num_blocks - probe.num_run
+    schedule = make_schedule(patches - keep, run) + [0] * idle
+    enc = hf_llava.build_encoder(model, r_total=patches - keep, schedule=schedule)
+    return dymu.find_thresholds(enc, [pixels[i : i + 4] for i in range(0, len(pixels), 4)])
+
+
+def prefill_flops(
+    model: nn.Module, enc: dymu.DyMUEncoder, out: EncoderOutput, n_full: int
+) -> dict[str, tuple[float, float]]:
+    """Prefill FLOPs per sequence of each variant: (mean over the batch, at the batch's
+    padded length) (see the docstring)."""
+    cfg = model.config
+    dim, mlp_width, n0, patch = tower_dims(enc)
+    prefix = enc.tower.num_prefix_tokens
+    patches = n0 - prefix
+    layers = cfg.vision_config.num_hidden_layers  # transformers runs them all
+    text = cfg.text_config
+    lm = SimpleNamespace(
+        hidden=text.hidden_size,
+        intermediate=text.intermediate_size,
+        vocab=text.vocab_size,
+        heads=text.num_attention_heads,
+        kv_heads=text.num_key_value_heads,
+        layers=text.num_hidden_layers,
+        last_logits=True,
+    )
+    dv, dt = cfg.vision_config.hidden_size, text.hidden_size
+
+    def projector(n: float) -> float:
+        return 2 * n * (dv * dt + dt * dt)
+
+    def flops(kept: float, slots: float) -> float:  # projector and LM
+        return projector(kept) + count_flops(lm, n_full, slots, n_full)
+
+    full = count_flops(lm, n_full, n_full, n_full)
+    vanilla = image_flops([n0] * layers, n0, dim, mlp_width, patch) + projector(patches) + full
+    kept = out.lengths.tolist()
+    vision = statistics.fmean(  # the tower packs its tokens: per image, no padding
+        image_flops([c + prefix for c in counts], n0, dim, mlp_width, patch)
+        for counts in out.block_lengths.tolist()
+    )
+    n_text, most = n_full - patches, max(kept)
+    return {
+        "vanilla": (vanilla, vanilla),
+        "dymu+VTU": (
+            vision + statistics.fmean(flops(k, n_text + k) for k in kept),
+            vision + flops(most, n_text + most),
+        ),
+        "dymu no-VTU": (
+            vision + statistics.fmean(flops(k, n_full) for k in kept),
+            vision + flops(most, n_full),
+        ),
+    }
+
+
+def bench_batch(
+    models: dict[str, nn.Module],
+    enc: dymu.DyMUEncoder,
+    processor: LlavaProcessor,
+    images: list,
+    args: argparse.Namespace,
+) -> list[Row]:
+    """Rows (vanilla first) for one batch of photos."""
+    bsz = len(images)
+    inputs = processor(images=images, text=[PROMPT] * bsz, return_tensors="pt").to(args.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(args.dtype)
+    n_full = inputs["input_ids"].shape[1]
+    pad = processor.tokenizer.pad_token_id
+    gen_kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    gen_kwargs.update(do_sample=False, pad_token_id=pad)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+
+    def prefill(model: nn.Module) -> Callable[[], object]:
+        return lambda: (model(**inputs, use_cache=True, logits_to_keep=1), sync())
+
+    def generate(model: nn.Module) -> Callable[[], object]:
+        return lambda: (model.generate(**inputs, **gen_kwargs), sync())
+
+    with torch.inference_mode():
+        out = enc(inputs["pixel_values"])
+        logits = {k: prefill(m)()[0].logits[:, -1].float() for k, m in models.items()}
+        for name, model in models.items():
+            ids = model.generate(**inputs, **gen_kwargs)
+            assert ids.shape == (bsz, n_full + args.new_tokens), (name, ids.shape)
+        fns = {f"prefill {k}": prefill(m) for k, m in models.items()}
+        fns.update({f"generate {k}": generate(m) for k, m in models.items()})
+        ms = time_interleaved(fns, args.reps or (10 if bsz == 1 else 5), args.warmup)
+    cos = torch.nn.functional.cosine_similarity
+    for name in list(models)[1:]:
+        sim = cos(logits["vanilla"], logits[name], dim=-1)
+        print(f"  b{bsz} first-token logits, vanilla vs {name}: cosine mean {sim.mean():.4f}")
+    flops = prefill_flops(models["vanilla"], enc, out, n_full)
+    tokens = out.lengths.tolist()
+    rows: list[Row] = []
+    for name in models:
+        rows.append(
+            Row(name, bsz, tokens, n_full, ms[f"prefill {name}"], ms[f"generate {name}"],
+                *flops[name], rows[0] if rows else None)
+        )  # fmt: skip
+    rows[0].tokens = [enc.tower.num_tokens - enc.tower.num_prefix_tokens] * bsz
+    return rows
+
+
+def print_table(rows: list[Row], new_tokens: int) -> None:
+    header = (
+        f"{'model':<12} {'batch':>5} {'visual tokens':>17} {'prefill ms':>11} {'speedup':>8} "
+        f"{'bound':>6} {'pad bound':>9} {'ratio':>6} {'gen tok/s':>10} {'speedup':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        t = r.tokens
+        seen = f"{statistics.fmean(t):.1f} ({min(t)}-{max(t)})" if len(set(t)) > 1 else str(t[0])
+        tps = r.batch * new_tokens / r.generate_ms * 1e3
+        gen = r.base.generate_ms / r.generate_ms if r.base else 1.0
+        print(
+            f"{r.model:<12} {r.batch:>5} {seen:>17} {r.prefill_ms:>11.1f} {r.speedup:>7.2f}x "
+            f"{r.bound:>5.2f}x {r.pad_bound:>8.2f}x {r.ratio:>6.2f} {tps:>10.1f} {gen:>7.2f}x"
+        )
+
+
+def main() -> None:
+    args = parse_args()
+    logging.getLogger().setLevel(logging.ERROR)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    processor = build_processor(SHAPES[args.shape]["image"])
+    model = build_model(args, processor.image_token_id)
+    photos = [load_rgb(p) for p in open_source(str(args.data)).paths]
+    pixels = processor.image_processor(photos, return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(args.device, args.dtype)
+    with torch.inference_mode():
+        thresholds = calibrate(model, pixels, args.keep)
+        enc = hf_llava.build_encoder(model, thresholds)
+        kept = enc(pixels).lengths
+    median = photos[int(kept.argsort()[(len(kept) - 1) // 2])]  # batch 1: median kept count
+    models = {}
+    for name, vtu in VARIANTS.items():
+        models[name] = model if vtu is None else shared_copy(model)
+        if vtu is not None:
+            hf_llava.apply(models[name], thresholds, vtu=vtu)
+    v, t = model.config.vision_config, model.config.text_config
+    params = sum(p.numel() for p in model.parameters())
+    print(
+        f"LLaVA ({args.shape}): CLIP {v.num_hidden_layers} x {v.hidden_size} at {v.image_size} "
+        f"px / 14 ({(v.image_size // 14) ** 2} patches), Llama {t.num_hidden_layers} x "
+        f"{t.hidden_size} (MLP {t.intermediate_size}, vocab {t.vocab_size}), {params / 1e6:.0f}M "
+        f"params, {str(args.dtype).removeprefix('torch.')}, {args.device}; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"thresholds for {args.keep} kept tokens per image on {len(photos)} photos: kept "
+        f"{kept.float().mean():.1f} (min {kept.min()}, max {kept.max()}); reps "
+        f"{args.reps or '10 (batch 1) / 5'}, warmup {args.warmup}, {args.new_tokens} new "
+        f"tokens (built in {time.perf_counter() - start:.0f} s)"
+    )
+    rows = []
+    for bsz in args.batch_sizes:
+        cycled = [photos[i % len(photos)] for i in range(bsz)]
+        rows += bench_batch(models, enc, processor, [median] if bsz == 1 else cycled, args)
+    print()
+    print_table(rows, args.new_tokens)
+    print(
+        f"\nprompt: N = {rows[0].positions} positions; speedup and bound are vanilla / dymu "
+        f"prefill (time to first token); gen tok/s = batch x {args.new_tokens} / generate time"
+    )
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if args.plot:
+        plot([r for r in rows if r.base is not None], args.plot)
+
+
+if __name__ == "__main__":
+    main()

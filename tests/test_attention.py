@@ -1,0 +1,95 @@
+"""The ways packed images of different lengths attend (dymu/attention.py) against attention
+written out image by image, and inside the encoder against each other."""
+
+
+import pytest
+import torch
+from conftest import TINY
+from naive import naive_encode
+
+import dymu
+from dymu.attention import ATTENTION_MODES, attend
+from dymu.merge import Packing
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+MODES = [m for m in ATTENTION_MODES if m != "auto"]
+
+
+def by_hand(q, k, v, heads, lengths, sizes):
+    """softmax(q k^T / sqrt(d) + log(size_k)) v, one image and one head at a time."""
+    d = q.shape[-1] // heads
+    out = torch.empty_like(q)
+    start = 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            scores = q[rows, cols] @ k[rows, cols].T / d**0.5
+            if sizes is not None:
+                scores = scores + sizes[rows].log()[None, :]
+            out[rows, cols] = scores.softmax(-1) @ v[rows, cols]
+        start += n
+    return out
+
+
+def packed(lengths, dim=32, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, dim, generator=gen).to(dtype) for _ in range(3))
+    sizes = torch.randint(1, 9, (total,), generator=gen).float()
+    return q, k, v, sizes, Packing.from_lengths(list(lengths), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_sizes", [True, False])
+@pytest.mark.parametrize("lengths", [(7, 20, 3, 12), (1, 65, 2), (5, 5, 5), (130, 17)])
+def test_every_way_equals_attention_by_hand(mode, with_sizes, lengths):
+    q, k, v, sizes, packing = packed(lengths)
+    sizes = sizes if with_sizes else None
+    out = attend(q, k, v, 4, packing, sizes, mode)
+    assert torch.allclose(out, by_hand(q, k, v, 4, lengths, sizes), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["nested", "flex"])
+def test_bf16_packed_ways_agree_with_the_loop(mode):
+    lengths = (9, 40, 2, 23)
+    q, k, v, sizes, packing = packed(lengths, dim=64, dtype=torch.bfloat16, seed=1)
+    loop = attend(q, k, v, 4, packing, sizes, "loop").float()
+    out = attend(q, k, v, 4, packing, sizes, mode).float()
+    exact = by_hand(q.float(), k.float(), v.float(), 4, lengths, sizes)
+    assert out.dtype == torch.float32 and attend(q, k, v, 4, packing, sizes, mode).dtype == q.dtype
+    # as close to the fp32 result as the loop is (bf16 keeps 8 bits)
+    assert (out - exact).abs().max() <= 2 * (loop - exact).abs().max() + 1e-2
+    assert (out - loop).abs().max() < 3e-2
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(dymu.DyMUError, match="attention must be one of auto, loop, nested, flex"):
+        dymu.build_encoder(f"{TINY}-tome-24out", attention="fast")
+
+
+@pytest.fixture(scope="module")
+def calibrated(photos):
+    encoder = dymu.build_encoder(f"{TINY}-tome-24out")
+    pixels = torch.stack([encoder.preprocess(p) for p in photos])
+    encoder.set_thresholds(dymu.find_thresholds(encoder, [pixels[:6], pixels[6:]]))
+    return encoder, pixels
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_encoder_gives_the_same_result_every_way(calibrated, mode):
+    encoder, pixels = calibrated
+    with torch.inference_mode():
+        encoder.attention = "loop"
+        loop = encoder(pixels)
+        encoder.attention = mode
+        out = encoder(pixels)
+    encoder.attention = "auto"
+    assert len(set(out.lengths.tolist())) > 2  # the photos really have different lengths
+    assert torch.equal(out.lengths, loop.lengths) and torch.equal(out.groups, loop.groups)
+    assert torch.allclose(out.tokens, loop.tokens, atol=1e-5)
+    assert torch.allclose(out.pooled, loop.pooled, atol=1e-5)
+    taus = encoder.thresholds.thresholds.tolist()
+    with torch.no_grad():
+        xs, *_ = naive_encode(encoder.tower.visual, pixels, encoder.r, taus)
+    assert all(torch.allclose(t, x, atol=1e-4) for t, x in zip(out.to_list(), xs, strict=True))
