@@ -28,6 +28,7 @@ Run from the repository root (about 2-3 minutes with the defaults on 2 CPU cores
     python scripts/bench_calibration.py
     python scripts/bench_calibration.py --images 32 --runs 2 --batch-size 4 --num-workers 2
     python scripts/bench_calibration.py --quick   # a smoke run: what CI runs
+    python scripts/bench_calibration.py --device cuda --dtype fp16 --batch-size 64 --skip-memory
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from PIL import Image, ImageEnhance
 
 import dymu
 from dymu.data import ImageStream, iterate_batches, load_rgb, open_source
-from dymu.job import CalibrationConfig, run_calibration
+from dymu.job import DTYPES, CalibrationConfig, run_calibration
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "examples" / "images"
@@ -152,7 +153,8 @@ def calibration_config(args: argparse.Namespace, data: Path, out: Path) -> Calib
         num_workers=args.num_workers,
         checkpoint_every=0,
         inference_sample=0,  # time the calibration pass alone
-        device="cpu",
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
@@ -161,13 +163,21 @@ def time_plain(enc: dymu.DyMUEncoder, data: Path, args: argparse.Namespace) -> t
     source = open_source(str(data))
     stream = ImageStream(source, enc.preprocess)
     images = 0
+    param = next(enc.parameters())
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in iterate_batches(stream, args.batch_size, args.num_workers):
             if batch.pixels is not None:
-                enc.tower.module(batch.pixels)
+                enc.tower.module(batch.pixels.to(param.device, param.dtype))
                 images += batch.size
+    synchronize(args)
     return time.perf_counter() - start, images
+
+
+def synchronize(args: argparse.Namespace) -> None:
+    """Wait for the GPU's queued work, so a clock read after it covers it."""
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def time_calibration(
@@ -185,10 +195,12 @@ def time_calibration(
 
 
 def bench_throughput(args: argparse.Namespace, data: Path, work: Path) -> tuple[float, float]:
-    enc = dymu.build_encoder(args.model, pretrained=None)
+    enc = dymu.build_encoder(
+        args.model, pretrained=None, device=args.device, dtype=DTYPES[args.dtype]
+    )
     # untimed warmup: first-call costs of both paths (kernels, allocator)
     warm = torch.stack([enc.preprocess(load_rgb(p)) for p in sorted(PHOTOS.glob("*.jpg"))])
-    warm = warm[torch.arange(args.batch_size) % len(warm)]
+    warm = warm[torch.arange(args.batch_size) % len(warm)].to(args.device, DTYPES[args.dtype])
     with torch.inference_mode():
         enc.tower.module(warm)
         enc.calibrate(warm)
@@ -278,6 +290,10 @@ def run_child(args: argparse.Namespace, data: Path, out: Path) -> dict:
         str(data),
         "--out",
         str(out),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
     ]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
@@ -338,6 +354,8 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (default: cpu)")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="model precision")
     parser.add_argument("--quick", action="store_true", help=f"smoke run (what CI runs): {QUICK}")
     if parser.parse_known_args()[0].quick:  # quick sizes as defaults; explicit flags still win
         parser.set_defaults(**QUICK)
@@ -358,8 +376,8 @@ def main() -> None:
         lists = {n: write_list(work, names[:n]) for n in (args.images, 4 * args.images)}
         print(
             f"{args.model}, pretrained none; batch {args.batch_size}, "
-            f"{args.num_workers} worker(s); torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+            f"{args.num_workers} worker(s); {args.device}, {args.dtype}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
         )
         print(f"data: {len(names)} synthetic JPEGs in {work} (N = {args.images})")
         print(f"setup {time.perf_counter() - start:.1f} s\n")
