@@ -23,7 +23,6 @@ read from the packing's host copy, so none of them synchronises with the device.
 from __future__ import annotations
 
 import functools
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ def attend(
     if mode == "auto":
         mode = "nested" if q.device.type == "cuda" else "loop"
     if mode == "nested":
-        return _nested(q, k, v, heads, lengths, sizes)
+        return _nested(q, k, v, heads, packing, sizes)
     if mode == "flex":
         return _flex(q, k, v, heads, packing, sizes)
     parts = zip(
@@ -95,11 +94,12 @@ def _nested(
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
-    lengths: tuple[int, ...],
+    packing: Packing,
     sizes: torch.Tensor | None,
 ) -> torch.Tensor:
     """One SDPA call on nested jagged tensors; the bias folded into an extra dimension."""
     total, dim = q.shape
+    lengths = packing.lengths
     d = dim // heads
     q, k, v = (t.view(total, heads, d) for t in (q, k, v))
     if sizes is not None:
@@ -110,7 +110,7 @@ def _nested(
         log_size = sizes.log().to(k.dtype).view(total, 1, 1).expand(total, heads, 1)
         k = torch.cat([k, log_size, pad], -1)
         v = torch.cat([v, pad, pad[..., :1]], -1)
-    offsets = torch.tensor((0, *accumulate(lengths)), device=q.device)
+    offsets = F.pad(packing.offsets, (0, 1), value=total)  # (B + 1,), made on the device
     nested = [
         torch.nested.nested_tensor_from_jagged(
             t, offsets, min_seqlen=min(lengths), max_seqlen=max(lengths)

@@ -24,7 +24,7 @@ class MissingThresholds(DyMUError):
     def advice(self, how_to_pass: str, without_merging: str) -> str:
         """The one-line message, with an interface's way to pass a file and to not merge."""
         where = f" (looked in {', '.join(self.searched)})" if self.searched else ""
-        find = "`dymu-find-thresholds --model NAME --data images.json`".replace("NAME", self.name)
+        find = f"`dymu-find-thresholds --model {self.name} --data images.json`"
         if self.searched is None:  # a folder or an instance: no name to look up
             find = "`dymu-find-thresholds` (--hf-model for a transformers folder)"
         return (

@@ -1,7 +1,6 @@
 """The ways packed images of different lengths attend (dymu/attention.py) against attention
 written out image by image, and inside the encoder against each other."""
 
-
 import pytest
 import torch
 from conftest import TINY

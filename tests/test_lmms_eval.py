@@ -88,13 +88,20 @@ def processor():
     tok.pre_tokenizer = Whitespace()
     tok.add_special_tokens([AddedToken(t, special=True) for t in specials + ["<image>"]])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
         eos_token="</s>",
     )
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return LlavaProcessor(
-        image_processor=images, tokenizer=fast, patch_size=8, chat_template=TEMPLATE,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=images,
+        tokenizer=fast,
+        patch_size=8,
+        chat_template=TEMPLATE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
 
 
@@ -115,8 +122,10 @@ def built(tmp_path_factory, photo_dir):
     never.save(root / "never.safetensors")
     task = root / "task"
     task.mkdir()
-    docs = [{"image": str(photo_dir / "img" / f"{n}.jpg"), "question": q, "answer": a}
-            for n, q, a in DOCS]
+    docs = [
+        {"image": str(photo_dir / "img" / f"{n}.jpg"), "question": q, "answer": a}
+        for n, q, a in DOCS
+    ]
     (task / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     (task / "dymu_tiny.yaml").write_text(TASK.format(data=task / "data.jsonl"))
     (task / "utils.py").write_text(UTILS)
@@ -145,18 +154,35 @@ def runs(built):
     doc id, and the combined output."""
     root = built[0]
     config = [
-        dict(model=model, model_args=f"pretrained={root}/model,device_map=cpu" +
-             args.format(root=root), tasks="dymu_tiny", include_path=str(root / "task"),
-             log_samples=True, output_path=str(root / "out" / name), device="cpu",
-             batch_size=1, **more)
+        dict(
+            model=model,
+            model_args=f"pretrained={root}/model,device_map=cpu" + args.format(root=root),
+            tasks="dymu_tiny",
+            include_path=str(root / "task"),
+            log_samples=True,
+            output_path=str(root / "out" / name),
+            device="cpu",
+            batch_size=1,
+            **more,
+        )
         for name, (model, args, more) in RUNS.items()
     ]
     (root / "runs.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               HF_HOME=str(root / "hf"), TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        HF_HOME=str(root / "hf"),
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "lmms_eval", "--config", str(root / "runs.yaml")],
-        capture_output=True, text=True, env=env, cwd=root, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
@@ -180,12 +206,18 @@ def _read(out: Path) -> tuple[dict, dict] | None:
 def _stats(results: dict) -> dict[str, float]:
     """dymu's token statistics from lmms-eval's results (its throughput section)."""
     prefix = "avg_dymu_visual_tokens_"
-    return {k[len(prefix):]: v for k, v in results["throughput"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in results["throughput"].items() if k.startswith(prefix)}
 
 
 def _expected(lengths: list[int]) -> dict[str, float]:
-    return dict(mean=statistics.mean(lengths), std=statistics.pstdev(lengths), min=min(lengths),
-                max=max(lengths), count=len(lengths), unmerged=PATCHES)
+    return dict(
+        mean=statistics.mean(lengths),
+        std=statistics.pstdev(lengths),
+        min=min(lengths),
+        max=max(lengths),
+        count=len(lengths),
+        unmerged=PATCHES,
+    )
 
 
 def test_the_plugin_is_found_through_lmms_eval_entry_points(runs):

@@ -168,7 +168,8 @@ def test_missing_fsspec_backends_are_named(monkeypatch):
         open_source("s3://bucket/train-{000..009}.tar")
     assert str(err.value) == "s3:// shards need fsspec and s3fs: pip install fsspec s3fs"
     monkeypatch.undo()
-    pytest.importorskip("fsspec")
+    import fsspec  # noqa: F401  (the test extra installs it; only gcsfs is missing)
+
     monkeypatch.setitem(sys.modules, "gcsfs", None)
     with pytest.raises(
         DyMUError, match=r"^gs:// shards need fsspec and gcsfs: pip install fsspec gcsfs$"
@@ -180,7 +181,7 @@ def test_missing_fsspec_backends_are_named(monkeypatch):
 def tables(files, tmp_path_factory):
     """The photos as a Hugging Face dataset (an ``Image`` column after a caption), saved with
     ``save_to_disk``, as one parquet file, as a folder of two, and as plain parquet."""
-    datasets = pytest.importorskip("datasets")
+    import datasets  # the test extra installs it (the data extra for users)
     import pyarrow as pa
     import pyarrow.parquet as pq
 

@@ -78,7 +78,7 @@ class _DyMU:
         model = self.model
         hf_llava.apply(model, vtu=use_vtu, **how)
         encoder = hf_llava.encoder_of(model)
-        self._dymu_lengths: list[int] = []
+        self._dymu_lengths: list = []  # per encoder call, kept on the device until read
         self._dymu_patches = encoder.tower.num_patches
         one_view = isinstance(model, LlavaForConditionalGeneration)  # LLaVA-1.5: no AnyRes
         self._dymu_unit = "image" if one_view else "view (AnyRes crop or video frame)"
@@ -90,12 +90,15 @@ class _DyMU:
         )
 
     def _count_tokens(self, module, args, output) -> None:
-        self._dymu_lengths.extend(output.lengths.tolist())
+        self._dymu_lengths.append(output.lengths.detach())  # no host sync per batch
+
+    def _lengths(self) -> list[int]:
+        return [n for part in self._dymu_lengths for n in part.tolist()]
 
     @property
     def token_stats(self) -> dict[str, float | int]:
         """Visual tokens per encoded view so far: mean, std, min, max, count, unmerged."""
-        return token_summary(self._dymu_lengths, self._dymu_patches)
+        return token_summary(self._lengths(), self._dymu_patches)
 
     def clean(self) -> None:
         """lmms-eval calls this once, at the end of ``evaluate()``: report, then clean up."""
@@ -104,8 +107,8 @@ class _DyMU:
 
     def _report_tokens(self) -> None:
         """Gather every rank's counts, log them and add them to lmms-eval's results."""
-        self._dymu_lengths = _gathered(self._dymu_lengths, self.world_size)
-        stats = self.token_stats
+        lengths = _gathered(self._lengths(), self.world_size)
+        stats = token_summary(lengths, self._dymu_patches)
         if self.rank != 0:
             return
         eval_logger.info(
