@@ -1,9 +1,9 @@
 """One block of a tower with merging: the step the encoder and the ToMe patch share.
 
-A block is ``x = x + attn_out(attend(qkv(x))); [merge]; x = x + mlp(x)`` (DESIGN 3), read
+A block is ``x = x + attn_out(attend(qkv(x))); [merge]; x = x + mlp(x)``, read
 through a :class:`~dymu.adapters.base.TowerAdapter`. What the merge does is a
-:class:`Merging`: a threshold or batch rule (DyMU), or a fixed ``r`` per image (ToMe, DESIGN
-10). Tokens travel packed (:class:`Tokens`), so no image pays for another's length.
+:class:`Merging`: a threshold or batch rule (DyMU), or a fixed ``r`` per image (ToMe mode).
+Tokens travel packed (:class:`Tokens`), so no image pays for another's length.
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ def thresholds_from(
     batch_size: int,
     extra: dict[str, str] | None = None,
 ) -> Thresholds:
-    """The thresholds file of a finished calibration, with its metadata (DESIGN 6): the model
-    and weights, the schedule, the data seen, and the tower it fits."""
+    """The thresholds file of a finished calibration, with its metadata (see
+    ``thresholds/README.md``): the model and weights, the schedule, the data seen, and the
+    tower it fits."""
     dtype = next(encoder.parameters()).dtype
     meta = {
         "model": encoder.name,

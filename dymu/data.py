@@ -92,6 +92,9 @@ class FolderSource(FileList):
         self.paths = sorted(
             p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
+        if not self.paths:
+            kinds = ", ".join(e[1:] for e in IMAGE_EXTENSIONS)
+            raise DyMUError(f"no images in {root} (looked for {kinds} files, recursively)")
 
 
 def open_source(

@@ -1,4 +1,4 @@
-"""DyMUEncoder: the block loop over a tower adapter, with variable-length output (DESIGN 3-4)."""
+"""DyMUEncoder: the block loop over a tower adapter, with variable-length output."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class DyMUEncoder(nn.Module):
     merges). ``select_layer`` follows transformers' ``hidden_states`` indexing (LLaVA uses
     -2): only the blocks up to it run. ``drop_cls`` removes the prefix tokens (class token,
     registers) from the output: LLaVA's 'patch' features. With ``fixed_r`` every image merges
-    exactly ``r[l]`` tokens in block ``l`` (ToMe, DESIGN 10) and no thresholds are needed.
+    exactly ``r[l]`` tokens in block ``l`` (ToMe mode) and no thresholds are needed.
     ``attention`` says how images of different lengths attend (:mod:`dymu.attention`:
     ``auto``, ``loop``, ``nested``, ``flex``); every way gives the same result.
     """
@@ -147,7 +147,8 @@ class DyMUEncoder(nn.Module):
         if self.thresholds is None:
             raise MissingThresholds(self.name)
         precision = next(self.tower.parameters()).dtype  # scores are rounded to it, so is tau
-        # towers without prefix tokens reorder every image at every merging block (DESIGN 3)
+        # towers without prefix tokens reorder every image at every merging block, merges or
+        # not (the reference's batch path, which the published OneVision results ran)
         merging = threshold_merging(self.thresholds, r, precision, self.num_prefix == 0)
         return self._run(inputs, merging)
 

@@ -16,6 +16,7 @@ from .adapters import TowerAdapter, adapter_for, supported_families
 from .encoder import DyMUEncoder
 from .errors import DyMUError, MissingThresholds
 from .names import resolve_name
+from .quiet import open_clip_logs
 from .schedule import make_schedule
 from .thresholds import Thresholds, find_threshold_file, search_paths
 from .weights import check_weights_reachable
@@ -72,7 +73,7 @@ def build_encoder(
     used as they are (device, dtype and train/eval mode unchanged unless ``device``/``dtype``
     are given). Without ``r_total`` a name's own budget applies; folders and instances keep a
     third of the patches. With ``fixed_r`` every image merges exactly the schedule's ``r`` per
-    block (ToMe, DESIGN 10) and needs no thresholds. ``attention`` picks how images of
+    block (ToMe mode) and needs no thresholds. ``attention`` picks how images of
     different lengths attend (:mod:`dymu.attention`; the default suits the device).
     """
     source = _resolve(model, pretrained, seed, dtype, device)
@@ -117,22 +118,50 @@ def load_encoder(
     """A ready-to-use DyMU encoder for a name such as ``'ViT-L-14-336-tome'``, a local
     transformers folder or a model instance (see :func:`build_encoder`).
 
+    ``pretrained=None`` builds a name's tower with random weights (nothing is downloaded) and
+    says so in a warning, once per process; pass ``'openai'`` or another tag for real weights.
     ``thresholds`` is a file, a :class:`Thresholds` or ``None`` (for dymu names: look the name
     up in the shipped ``thresholds/`` folder, then ``$DYMU_THRESHOLDS``). Thresholds made for
-    another tower are refused. ``overrides`` go to :func:`build_encoder` (``r_total``,
-    ``schedule``, ``select_layer``, ``drop_cls``, ``seed``, ``fixed_r``, ``attention``).
+    another tower are refused. Folders and instances take the file's per-block ``r`` unless
+    ``r_total`` or ``schedule`` is given. ``overrides`` go to :func:`build_encoder`
+    (``r_total``, ``schedule``, ``select_layer``, ``drop_cls``, ``seed``, ``fixed_r``,
+    ``attention``).
     """
     encoder = build_encoder(model, pretrained, device=device, dtype=dtype, **overrides)
+    if pretrained is None and encoder.pretrained == "none":
+        _warn_random_weights(encoder.name)
     if not encoder.merges or encoder.fixed_r:
         return encoder
-    source = "thresholds"
     if thresholds is None:
         thresholds = _look_up(model, encoder)
     if not isinstance(thresholds, Thresholds):
-        source = str(thresholds)
         thresholds = Thresholds.load(Path(thresholds))
+    source = str(thresholds.path) if thresholds.path is not None else "thresholds"
+    if _brings_no_budget(model) and not {"r_total", "schedule"} & overrides.keys():
+        thresholds.check_tower(encoder.identity, encoder.tower.num_blocks, source)
+        encoder.r = thresholds.r.tolist()  # the schedule the file was calibrated with
+        encoder.schedule_name = thresholds.metadata.get("schedule", encoder.schedule_name)
     encoder.set_thresholds(thresholds, source)
     return encoder
+
+
+_warned_random: list[str] = []  # the warning below comes once per process
+
+
+def _warn_random_weights(name: str) -> None:
+    if _warned_random:
+        return
+    _warned_random.append(name)
+    log.warning(
+        "load_encoder(%r) without pretrained= builds random weights; pass pretrained='openai' "
+        "(or another tag, or a checkpoint path) for trained ones, or 'none' to say random",
+        name,
+    )
+
+
+def _brings_no_budget(model: ModelSource) -> bool:
+    """A folder or an instance: no name says how many tokens to remove."""
+    return isinstance(model, nn.Module) or Path(os.fspath(model)).is_dir()
 
 
 def find_tower(model: nn.Module) -> TowerAdapter:
@@ -186,9 +215,10 @@ def _from_name(name: str, pretrained: str | None, seed: int, device) -> _Source:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.base, pretrained=pretrained, device=device
-            )
+            with open_clip_logs():  # its root-logger lines would precede dymu's one line
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.base, pretrained=pretrained, device=device
+                )
         except Exception as exc:  # open_clip raises many kinds for unreachable/unknown weights
             if pretrained is None:
                 raise

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import DyMUError
+from .quiet import transformers_bars, verbose
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def load_vision_tower(
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
         vision = getattr(config, "vision_config", None)
         if vision is None:
-            tower = AutoModel.from_pretrained(folder, local_files_only=True)
+            with transformers_bars(verbose()):  # "Loading weights" only with --verbose
+                tower = AutoModel.from_pretrained(folder, local_files_only=True)
         else:
             tower = AutoModel.from_config(vision)
             _load_tower_weights(tower, folder)

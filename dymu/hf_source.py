@@ -2,7 +2,10 @@
 
 - ``hf:NAME[:SPLIT]``: ``datasets.load_dataset(NAME, split=SPLIT or "train", streaming=True)``;
   NAME is a hub id, or a local dataset folder (``hf:/data/photos``: parquet, image folder...).
-- a folder written by ``Dataset.save_to_disk`` (it has ``state.json``): ``load_from_disk``.
+  The hub's host is probed first (a few seconds at most), so an offline machine gets one line
+  instead of the hub client's retries.
+- a folder written by ``Dataset.save_to_disk`` (it has ``state.json``), with or without
+  ``hf:`` (``hf:FOLDER:SPLIT`` for a saved ``DatasetDict``): ``load_from_disk``.
 - ``x.parquet``, a glob or brace pattern of them, or a folder holding ``.parquet`` files and
   no images: read with pyarrow, only the image column, file after file in path order.
 
@@ -23,9 +26,12 @@ import glob
 import importlib
 import json
 import logging
+import os
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from torch.utils.data import get_worker_info
 
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_NAMES = ("image", "img", "jpg", "jpeg", "png", "webp")  # after any Image feature
 ROWS = 64  # rows a batch when reading the image column
+PROBE_SECONDS = 5.0  # how long the hub's host may take to accept a connection
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
 def open_table(
@@ -43,6 +51,9 @@ def open_table(
 ) -> HubSource | DiskSource | ParquetSource | None:
     """The dataset ``spec`` names, or None when it is none (a JSON list, images, shards)."""
     if spec.startswith("hf:") and not spec.startswith("hf://"):
+        saved = _saved_folder(spec[3:])
+        if saved is not None:
+            return DiskSource(saved, image_column, image_root)
         return HubSource(spec[3:], image_column, image_root)
     path = Path(spec)
     if ".parquet" in spec and "://" not in spec:
@@ -56,6 +67,48 @@ def open_table(
         return DiskSource(path, image_column, image_root)
     files = _parquet_folder(path)
     return ParquetSource(spec, files, image_column, image_root) if files else None
+
+
+def _saved_folder(spec: str) -> Path | None:
+    """The ``save_to_disk`` folder ``hf:FOLDER[:SPLIT]`` names (a saved ``DatasetDict``: its
+    SPLIT, default train), or None when it names none (a hub id, a folder of data files)."""
+    name, split = (spec, None) if Path(spec).is_dir() else _name_split(spec)
+    folder = Path(name)
+    if (folder / "dataset_dict.json").is_file():
+        split = split or "train"
+        if not (folder / split / "state.json").is_file():
+            splits = sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file())
+            raise DyMUError(f"hf:{spec}: {folder} has no split {split!r} ({', '.join(splits)})")
+        return folder / split
+    if not (folder / "state.json").is_file():
+        return None
+    if split is not None:
+        raise DyMUError(f"hf:{spec}: {folder} holds one dataset, no splits: give hf:{folder}")
+    return folder
+
+
+def _probe_hub(spec: str) -> None:
+    """Refuse in one line, within seconds, a hub dataset whose host cannot be reached (the
+    hub client would retry for half a minute). Offline mode and proxies are left to it."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE or url.hostname is None or any(map(os.environ.get, _PROXIES)):
+        return
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DyMUError(
+            f"cannot load hf:{spec}: {url.hostname} is unreachable ({reason}); {_LOCAL_COPY}"
+        ) from None
+
+
+_LOCAL_COPY = (
+    "set HF_HUB_OFFLINE=1 to use a cached copy, or give a local one (a save_to_disk folder or "
+    "parquet files)"
+)
 
 
 def _items(prefix: str, batches: Iterable[Any], root: Path | None) -> Iterator[RawItem]:
@@ -91,10 +144,7 @@ class HubSource:
     ) -> None:
         datasets = _need("datasets", f"hf:{spec}")
         name, split = _name_split(spec)
-        try:
-            ds = datasets.load_dataset(name, split=split, streaming=True)
-        except Exception as exc:  # not found, offline, bad split...: datasets' own types
-            raise DyMUError(f"cannot load hf:{spec}: {_first_line(exc)}") from None
+        ds = _stream(datasets, spec, name, split)
         features = ds.features or {}
         columns = list(features) or ([image_column] if image_column else [])
         images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
@@ -169,6 +219,25 @@ class ParquetSource:
                 yield from _items(str(file), batches, root)
             except Exception as exc:  # pyarrow's own types: a broken file, a missing column
                 yield RawItem(str(file), error=f"broken parquet file: {_first_line(exc)}")
+
+
+def _stream(datasets: Any, spec: str, name: str, split: str) -> Any:
+    """``load_dataset(streaming=True)``; a hub id is probed first, failures are one line."""
+    from huggingface_hub import constants
+
+    local = Path(name).exists()
+    if not local:
+        _probe_hub(spec)
+    try:
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as exc:  # not found, offline, bad split...: datasets' own types
+        advice = ""
+        if constants.HF_HUB_OFFLINE and not local:
+            advice = (
+                "; HF_HUB_OFFLINE is set and it is not cached: give a local copy (a "
+                "save_to_disk folder or parquet files)"
+            )
+        raise DyMUError(f"cannot load hf:{spec}: {_first_line(exc)}{advice}") from None
 
 
 def _need(module: str, what: str) -> Any:

@@ -7,6 +7,7 @@ of the stream with the found thresholds so the file can say which (README: two t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,12 +21,19 @@ if TYPE_CHECKING:
 
 
 def inference_tokens(
-    encoder: DyMUEncoder, thresholds: Thresholds, source, cfg: CalibrationConfig
+    encoder: DyMUEncoder,
+    thresholds: Thresholds,
+    source,
+    cfg: CalibrationConfig,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, str]:
     """Tokens per image when the first images of the stream are encoded with ``thresholds``:
     what inference will keep, which differs from the batch rule's count during calibration
-    (a mean threshold applied image by image is not the batch's top-r). Metadata entries."""
+    (a mean threshold applied image by image is not the batch's top-r). Metadata entries.
+    ``on_progress(done, total)`` is called before the first batch and after each one."""
     count = min(cfg.inference_sample, cfg.max_images or cfg.inference_sample)
+    if hasattr(source, "__len__"):
+        count = min(count, len(source))
     stream = ImageStream(
         source,
         encoder.preprocess,
@@ -35,12 +43,17 @@ def inference_tokens(
     )
     previous = encoder.thresholds
     encoder.set_thresholds(thresholds)
-    lengths = []
+    lengths, done = [], 0
+    if on_progress is not None:
+        on_progress(done, count)
     try:
         with torch.inference_mode():
             for batch in iterate_batches(stream, cfg.batch_size, cfg.num_workers):
                 if batch.pixels is not None:
                     lengths.append(encoder(batch.pixels).lengths.cpu())
+                done += batch.size + len(batch.skipped)
+                if on_progress is not None:
+                    on_progress(done, count)
     finally:
         encoder.thresholds = previous
     if not lengths:

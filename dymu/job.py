@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .adapters.base import Inputs
 from .calibrate import CalibrationState, TokenStats, calibrate_batches, thresholds_from
-from .checkpoint import Progress, partial_path
+from .checkpoint import Progress, partial_path, run_lock
 from .coverage import covers_metadata
 from .data import Batch, ImageStream, iterate_batches, open_source
 from .defaults import DEFAULT_MAX_PIXELS, INFERENCE_SAMPLE
@@ -32,6 +32,7 @@ from .errors import DyMUError
 from .factory import build_encoder
 from .inference_counts import inference_tokens
 from .outputs import check_output
+from .schedule import canonical_schedule
 from .thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,19 @@ class CalibrationConfig:
                 raise DyMUError(f"{flag} must be at least {low}, got {value}")
         if self.dtype not in DTYPES:
             raise DyMUError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if isinstance(self.schedule, str):  # files record one spelling of each schedule
+            self.schedule = canonical_schedule(self.schedule)
+        if self.hf_model is not None:
+            _check_model_folder(Path(self.hf_model))
+
+
+def _check_model_folder(folder: Path) -> None:
+    """An ``--hf-model`` that cannot be a transformers folder, refused before data is opened."""
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise DyMUError(f"--hf-model {folder}: {what} (give a save_pretrained folder)")
+    if not (folder / "config.json").is_file():
+        raise DyMUError(f"--hf-model {folder} is not a transformers model folder (no config.json)")
 
 
 @dataclass
@@ -99,6 +113,7 @@ def run_calibration(
     on_batch: Callable[[Batch, TokenStats], None] | None = None,
     on_start: Callable[[int | None], None] | None = None,
     encoder: DyMUEncoder | None = None,
+    on_sample: Callable[[int, int], None] | None = None,
 ) -> CalibrationResult:
     """Find thresholds as configured; only rank 0 writes files. However the run ends
     (finished, Ctrl-C, SIGTERM, an error), what was counted is kept in ``OUT.partial``.
@@ -106,14 +121,16 @@ def run_calibration(
     ``encoder`` is any encoder (e.g. ``dymu.build_encoder(model_instance)``); without one it
     is built from ``cfg.hf_model`` or ``cfg.model``. ``on_start(total)`` runs once the data
     and model are ready (``total``: images this process will see, when known); ``on_batch``
-    after every batch.
+    after every batch; ``on_sample(done, total)`` before and during the inference-sample pass
+    (rank 0). A second run on the same ``OUT`` (``OUT.lock`` held) is refused.
     """
     cfg.check()
     device = resolve_device(cfg.device)
     check_output(cfg.out_path)
     rank, world, owned = _init_distributed(device)
     try:
-        return _run(cfg, device, rank, world, on_batch, on_start, encoder)
+        with run_lock(cfg.out_path, rank):
+            return _run(cfg, device, rank, world, (on_start, on_batch, on_sample), encoder)
     finally:
         if owned:  # every rank leaves together, after rank 0 has written its files
             dist.destroy_process_group()
@@ -124,10 +141,10 @@ def _run(
     device: str,
     rank: int,
     world: int,
-    on_batch: Callable[[Batch, TokenStats], None] | None,
-    on_start: Callable[[int | None], None] | None,
+    hooks: tuple[Callable | None, Callable | None, Callable | None],
     encoder: DyMUEncoder | None,
 ) -> CalibrationResult:
+    on_start, on_batch, on_sample = hooks
     source = open_source(cfg.data, cfg.image_root, image_column=cfg.image_column)
     if encoder is None:
         encoder = build_encoder(
@@ -153,7 +170,7 @@ def _run(
     )
     if on_start is not None:
         on_start(_expected_images(source, cfg, progress.next_batch, rank, world))
-    start = time.perf_counter()
+    progress.started = time.perf_counter()  # elapsed: from here, plus what a resume adds
     try:
         batches = _counted(cfg, stream, progress, partial, identity, on_batch)
         calibrate_batches(encoder, batches, encoder.r, progress.calibration)
@@ -162,8 +179,8 @@ def _run(
     except BaseException as exc:
         _keep_progress(exc, progress, partial, identity, cfg)
         raise
-    result = _finish(cfg, encoder, source, progress, partial, (rank, world))
-    result.seconds = time.perf_counter() - start
+    result = _finish(cfg, encoder, source, progress, partial, (rank, world), on_sample)
+    result.seconds = progress.elapsed()
     return result
 
 
@@ -174,6 +191,7 @@ def _finish(
     progress: Progress,
     partial: Path,
     placement: tuple[int, int],
+    on_sample: Callable[[int, int], None] | None = None,
 ) -> CalibrationResult:
     """Every rank's statistics added up, the file's metadata (what it covered, both token
     counts) and the file written by rank 0."""
@@ -190,7 +208,7 @@ def _finish(
         progress.calibration, encoder, encoder.r, encoder.schedule_name, cfg.batch_size, extra
     )
     if rank == 0 and cfg.inference_sample:
-        result.metadata.update(inference_tokens(encoder, result, source, cfg))
+        result.metadata.update(inference_tokens(encoder, result, source, cfg, on_sample))
     device = progress.calibration.sum.device
     _write_result(cfg, result, skipped, partial, placement, device)
     return CalibrationResult(result, tokens, skipped, num_tokens=encoder.tower.num_tokens)

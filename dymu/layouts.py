@@ -1,4 +1,4 @@
-"""VTU mappings from a VLM's own arrangement of visual features (DESIGN section 9).
+"""VTU mappings from a VLM's own arrangement of visual features.
 
 A VLM places the features of its crops and frames into the LLM sequence with its own code:
 AnyRes grids, unpadding, newline tokens, pooling, interpolation, several images per prompt.

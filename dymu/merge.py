@@ -1,4 +1,4 @@
-"""Bipartite token matching and size-weighted merging (DESIGN section 3).
+"""Bipartite token matching and size-weighted merging.
 
 Pure tensor functions, in the spirit of ToMe's ``merge.py``: a matcher scores A/B pairs, a
 *rule* decides which A tokens merge, and :func:`plan_merge` turns that decision into a small
@@ -51,7 +51,7 @@ def bipartite_scores(
 def threshold_rule(node_max: torch.Tensor, tau: float) -> torch.Tensor:
     """Inference rule: merge every A token whose best score is strictly above ``tau``.
 
-    No cap (DESIGN section 3): with a class token a cap of ``(n - 1) // 2`` could never bind,
+    No cap: with a class token a cap of ``(n - 1) // 2`` could never bind,
     and towers without one follow the reference's batch path, which has none.
     """
     return node_max > tau
@@ -76,7 +76,7 @@ def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, t
 
 
 def fixed_r_rule(node_max: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed-r rule (ToMe, DESIGN 10): each image merges its ``r`` best A tokens.
+    """Fixed-r rule (ToMe mode): each image merges its ``r`` best A tokens.
 
     Per row, a stable descending sort of the scores (ties keep the lower index first); the
     first ``r`` merge. The caller caps ``r`` at ``(n - num_prefix) // 2``, so every chosen

@@ -52,7 +52,12 @@ def resolve_name(name: str) -> ModelSpec:
         num_patches = (image[0] // patch[0]) * (image[1] // patch[1])
         num_blocks, prefix = int(vision["layers"]), 1
     keep = int(match["keep"]) if match["keep"] else num_patches // 3
-    if not 0 < keep <= num_patches:
+    if keep == 0:
+        raise DyMUError(
+            f"{name!r} keeps no tokens: -<K>out needs K from 1 to {num_patches} "
+            f"({base} has {num_patches} patches)"
+        )
+    if keep > num_patches:
         raise DyMUError(f"{name!r} keeps {keep} tokens but {base} has {num_patches} patches")
     schedule = (match["sched"] or "-constant")[1:].replace("-", "_")
     return ModelSpec(name, base, num_blocks, num_patches, num_patches - keep, schedule, prefix)

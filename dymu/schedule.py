@@ -1,4 +1,4 @@
-"""How many tokens each block removes (``r`` per block), DESIGN section 5."""
+"""How many tokens each block removes (``r`` per block); README "Names" lists the schedules."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ from collections.abc import Sequence
 from .errors import DyMUError
 
 SCHEDULES = ("constant", "linear", "reverse_linear")
+
+
+def canonical_schedule(name: str) -> str:
+    """A schedule name as files record it: ``reverse-linear`` (the model-name spelling) and
+    ``reverse_linear`` are the same schedule, stored as ``reverse_linear``."""
+    return name.replace("-", "_")
 
 
 def make_schedule(
@@ -27,12 +33,13 @@ def make_schedule(
         return r
     if r_total < 0:
         raise DyMUError(f"r_total must be >= 0, got {r_total}")
-    if schedule == "constant":
+    name = canonical_schedule(schedule)
+    if name == "constant":
         base, rest = divmod(r_total, num_blocks)
         return [base + (1 if i < rest else 0) for i in range(num_blocks)]
-    if schedule in ("linear", "reverse_linear"):
+    if name in ("linear", "reverse_linear"):
         r = _linear(r_total, num_blocks)
-        return r[::-1] if schedule == "reverse_linear" else r
+        return r[::-1] if name == "reverse_linear" else r
     raise DyMUError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
@@ -59,7 +66,7 @@ ToMeR = int | list[int] | tuple[int, float]
 
 
 def tome_schedule(r: ToMeR, num_blocks: int) -> list[int]:
-    """ToMe's ``r`` as one entry per block (ToMe's ``parse_r``, DESIGN 10).
+    """ToMe's ``r`` as one entry per block (ToMe's ``parse_r``).
 
     ``(r, inflection)``: a straight line from ``int(r * (1 - inflection))`` to twice ``r``
     minus that, truncated per block, so ``inflection = 0`` is constant ``r`` and ``-1`` the

@@ -1,4 +1,4 @@
-"""Per-block similarity thresholds: the safetensors format of DESIGN section 6."""
+"""Per-block similarity thresholds: their safetensors format (``thresholds/README.md``)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ class Thresholds:
     count: torch.Tensor
     r: torch.Tensor
     metadata: dict[str, str] = field(default_factory=dict)
+    # the file it was read from (named in messages); None when made in memory
+    path: Path | None = field(default=None, repr=False, compare=False)
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -99,6 +101,7 @@ class Thresholds:
         if not torch.allclose(out.thresholds[out.count > 0], stored[out.count > 0]):
             # a hand-edited or converted file: keep the stored values, they are what the user means
             out = cls.from_values(stored, tensors["r"], metadata)
+        out.path = path
         return out
 
     @classmethod

@@ -4,7 +4,7 @@
 runs the step the encoder runs (:func:`dymu.blocks.run_block`: attention with ``log(size)``
 bias, the merge, the MLP) and hands the library its tokens at merged length, so the model's
 own forward, heads, hooks and output dataclasses keep working. Pooling heads that need sizes
-get them (DESIGN 8). :func:`remove_tome` puts back exactly what was there, accelerate's
+get them. :func:`remove_tome` puts back exactly what was there, accelerate's
 hooks and anyone else's wrappers included. What the last forward did is on
 ``model.dymu_tome`` (a :class:`ToMeState`).
 """

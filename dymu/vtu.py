@@ -1,4 +1,4 @@
-"""Virtual token unmerging (DESIGN section 7) for transformers decoder LMs with rotary attention.
+"""Virtual token unmerging for transformers decoder LMs with rotary attention.
 
 ``apply_vtu(model)`` patches an instance (Llama, Mistral, Qwen2 and others whose attention
 has ``q_proj``/``k_proj``/``v_proj``/``o_proj`` and the module's ``apply_rotary_pos_emb``).
@@ -24,6 +24,10 @@ from .errors import DyMUError
 from .patching import call_prior, patch, unpatch
 
 _STATE = "_dymu_vtu_handles"
+_CACHE_ARG = "_dymu_vtu_cache_argument"
+# The attention's KV-cache argument: ``cache`` since transformers 5.2x, ``past_key_values``
+# in 5.0/5.1 (the model calls its attention with its own name), ``past_key_value`` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
 
 
 def apply_vtu(model: nn.Module) -> nn.Module:
@@ -34,7 +38,9 @@ def apply_vtu(model: nn.Module) -> nn.Module:
     for layer in base.layers:
         _check_attention(layer.self_attn)
     for layer in base.layers:
+        cache_argument = _cache_argument(layer.self_attn)
         patch(layer.self_attn, "forward", _vtu_attention_forward)
+        layer.self_attn.__dict__[_CACHE_ARG] = cache_argument
     handles = [
         base.layers[0].register_forward_pre_hook(_compress_hook, with_kwargs=True),
         base.register_forward_hook(_expand_hook, with_kwargs=True),
@@ -84,6 +90,7 @@ def remove_vtu(model: nn.Module) -> nn.Module:
     delattr(base, _STATE)
     for layer in base.layers:
         unpatch(layer.self_attn, "forward")
+        layer.self_attn.__dict__.pop(_CACHE_ARG, None)
     unpatch(model, "forward")
     return model
 
@@ -137,6 +144,61 @@ def _check_attention(attn: nn.Module) -> None:
             f"VTU supports rotary attention with q/k/v/o projections (Llama, Mistral, Qwen2); "
             f"{type(attn).__name__} is not one"
         )
+    _cache_argument(attn)
+
+
+def _cache_argument(attn: nn.Module) -> str:
+    """The name under which this transformers version passes the KV cache to ``attn``.
+
+    VTU must write the prefill's full-length keys/values into the cache; an attention whose
+    cache argument it does not know is refused rather than run with the cache dropped.
+    """
+    params = inspect.signature(type(attn).forward).parameters
+    names = [n for n in CACHE_ARGUMENTS if n in params]
+    if not names:
+        raise DyMUError(
+            f"VTU does not know how {type(attn).__name__}.forward takes its KV cache (none of "
+            f"{', '.join(CACHE_ARGUMENTS)} in its signature); this transformers version is not "
+            "supported by VTU"
+        )
+    return names[0]
+
+
+def _pop_cache(attn: nn.Module, kwargs: dict):
+    """Remove the KV cache from ``kwargs`` under any of its names; the one that is set."""
+    found = [kwargs.pop(n) for n in CACHE_ARGUMENTS if n in kwargs]
+    found = [c for c in found if c is not None]
+    if len(found) > 1:
+        raise DyMUError(f"{type(attn).__name__} was given its KV cache under two names")
+    return found[0] if found else None
+
+
+def _update_cache(attn: nn.Module, cache, key, value, cos_sin: tuple, kwargs: dict):
+    """Write full-length keys/values into the cache as the replaced forward would.
+
+    Mirrors transformers 5.2x (``cache.update(k, v, layer_idx, kwargs=kwargs)``) and 5.0/5.1
+    (``past_key_values.update(k, v, layer_idx, {sin, cos, cache_position})``).
+    """
+    if attn.__dict__.get(_CACHE_ARG) == "cache":
+        return cache.update(key, value, attn.layer_idx, kwargs=kwargs)
+    cos, sin = cos_sin
+    extra = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+    return cache.update(key, value, attn.layer_idx, extra)
+
+
+def _attention_function(attn: nn.Module, family, registry):
+    """The attention kernel the family's forward would use (``get_interface`` where the
+    installed transformers has it, else its 5.0 rule: eager, or the registry's entry)."""
+    impl = attn.config._attn_implementation
+    if hasattr(registry, "get_interface"):
+        return registry.get_interface(impl, family.eager_attention_forward)
+    return family.eager_attention_forward if impl == "eager" else registry[impl]
+
+
+def _is_prefill(hidden: torch.Tensor, kwargs: dict) -> bool:
+    """A call over several positions with nothing cached yet (decoding steps have a cache)."""
+    caches = [kwargs[n] for n in CACHE_ARGUMENTS if kwargs.get(n) is not None]
+    return hidden.shape[1] > 1 and (not caches or caches[0].get_seq_length() == 0)
 
 
 def _full_length_call(mapping: torch.Tensor | None, length: int) -> bool:
@@ -147,6 +209,11 @@ def _compress_hook(module: nn.Module, args: tuple, kwargs: dict):
     hidden = args[0] if args else kwargs["hidden_states"]
     mapping = kwargs.get("vtu_mapping")
     if not _full_length_call(mapping, hidden.shape[1]):
+        if mapping is not None and _is_prefill(hidden, kwargs):
+            raise DyMUError(
+                f"vtu_mapping covers {mapping.shape[1]} positions but the prompt has "
+                f"{hidden.shape[1]}; give one mapping entry per prompt position"
+            )
         return None
     merged = group_mean(hidden, mapping, int(mapping.max()) + 1)
     if args:
@@ -171,20 +238,25 @@ def _vtu_attention_forward(
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     attention_mask: torch.Tensor | None = None,
-    past_key_values=None,
     vtu_mapping: torch.Tensor | None = None,
     **kwargs,
 ):
-    """The attention of DESIGN section 7; other calls go to the forward it replaced."""
+    """The attention with virtual unmerging; other calls go to the forward it replaced.
+
+    The KV cache arrives under the name this transformers version uses (``cache`` or
+    ``past_key_values``) and is passed on under the name the replaced forward takes.
+    """
     cos, sin = position_embeddings
+    cache = _pop_cache(self, kwargs)
     if not _full_length_call(vtu_mapping, cos.shape[-2]):
+        if cache is not None:
+            kwargs[self.__dict__.get(_CACHE_ARG, "cache")] = cache
         return call_prior(
             self,
             "forward",
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
             **kwargs,
         )
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -203,11 +275,9 @@ def _vtu_attention_forward(
     key = project(self.k_proj, getattr(self, "k_norm", None))
     value = project(self.v_proj)
     query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-        self.config._attn_implementation, family.eager_attention_forward
-    )
+    if cache is not None:
+        key, value = _update_cache(self, cache, key, value, (cos, sin), kwargs)
+    interface = _attention_function(self, family, ALL_ATTENTION_FUNCTIONS)
     extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
     out, weights = interface(
         self,

@@ -25,7 +25,13 @@ Three models share one set of weights (instances deep-copied with the parameters
 buffers shared): ``vanilla`` (transformers, unpatched), ``dymu+VTU``
 (``hf_llava.apply(model, thresholds, vtu=True)``) and ``dymu no-VTU`` (``vtu=False``: the
 LM runs unchanged on the full-length prompt of repeated merged features). A check pass
-(one prefill and one generate of each: first-token logits, output shapes) also warms up;
+also warms up: one prefill and one greedy generate of each (first-token logits, output
+shapes), and a fourth copy patched with never-merge thresholds (``dymu+VTU`` with nothing
+merged, so the unmodified model) whose generate must give vanilla's tokens, every one, and
+its logits at every step (to ``LOGIT_RTOL``; in fp32 it is bit for bit): the benchmark stops
+with an error rather than time a path that does not compute the model (a VTU cache or layout
+bug shows here). In fp16/bf16 kernels may round differently, so the two may part at a step
+where vanilla's two best tokens lie within that tolerance (a near tie), and only there;
 then, interleaved in one run (``bench_encoder.time_interleaved``: ``--warmup`` untimed reps,
 then the six calls in an order that rotates every rep; medians of ``--reps``: default 10 at
 batch 1, 5 above), under ``torch.inference_mode``, timed:
@@ -108,6 +114,11 @@ SHAPES = {  # vision tower, LM, image size; patch 14 everywhere
 }  # fmt: skip
 VOCAB = 32064
 VARIANTS = {"vanilla": None, "dymu+VTU": True, "dymu no-VTU": False}  # name -> vtu
+# never-merge dymu+VTU vs vanilla: the largest |logit difference| allowed at a generate step,
+# relative to the step's largest |logit| (at least 1). VTU with an identity mapping is the
+# model itself, bit for bit in fp32 (DESIGN 7; 0 seen on CPU and an H200); in half precision
+# kernels that round differently leave 8 eps (0.1 seen at llava-1.5-7b's shapes in bf16)
+LOGIT_RTOL = {torch.float32: 1e-5, torch.float16: 8 * 2**-10, torch.bfloat16: 8 * 2**-7}
 
 
 @dataclass
@@ -292,14 +303,60 @@ def prefill_flops(
     }
 
 
+def never_merge(thresholds: dymu.Thresholds) -> dymu.Thresholds:
+    """The same schedule with thresholds no cosine exceeds: nothing merges."""
+    ones = torch.ones_like(thresholds.thresholds)
+    return dymu.Thresholds.from_values(ones, thresholds.r, dict(thresholds.metadata))
+
+
+def check_same_generation(want, got, dtype: torch.dtype, what: str) -> None:
+    """``got`` (a ``generate`` output with logits) gives ``want``'s tokens and logits at every
+    step (see ``LOGIT_RTOL``); in half precision it may part from ``want`` at a near tie of
+    ``want``'s, after which the sequences are no longer comparable. Else the benchmark stops."""
+
+    def fail(why: str):
+        raise SystemExit(f"check failed: {what} {why}; not timing a broken path")
+
+    steps = len(want.logits)
+    prompt, new = want.sequences[:, :-steps], want.sequences[:, -steps:]
+    if got.sequences.shape != want.sequences.shape or len(got.logits) != steps:
+        fail(f"generated {tuple(got.sequences.shape)}, vanilla {tuple(want.sequences.shape)}")
+    if not torch.equal(got.sequences[:, :-steps], prompt):
+        fail("changed the prompt")
+    worst, parted = 0.0, 0
+    for b in range(new.shape[0]):
+        differ = (got.sequences[b, -steps:] != new[b]).nonzero()
+        last = int(differ[0]) if len(differ) else steps - 1  # same history up to here
+        for step in range(last + 1):
+            w, g = want.logits[step][b].float(), got.logits[step][b].float()
+            tol = LOGIT_RTOL[dtype] * max(1.0, w.abs().max().item())
+            diff = (g - w).abs().max().item()
+            worst = max(worst, diff / tol)
+            if not diff <= tol:
+                fail(f"logits differ from vanilla's by {diff:.3g} (> {tol:.3g}) at step {step}")
+        if len(differ):
+            top = want.logits[last][b].float().topk(2).values.tolist()
+            tol = LOGIT_RTOL[dtype] * max(1.0, abs(top[0]))
+            if dtype == torch.float32 or top[0] - top[1] > 2 * tol:
+                fail(
+                    f"generated {got.sequences[b, -steps:].tolist()} where vanilla generated "
+                    f"{new[b].tolist()} (sequence {b}, step {last}: not a near tie)"
+                )
+            parted += 1
+    note = f", {parted} parted at a near tie" if parted else ""
+    print(f"  check: {what} generates vanilla's tokens (logits {worst:.2g} x tolerance{note})")
+
+
 def bench_batch(
     models: dict[str, nn.Module],
     enc: dymu.DyMUEncoder,
     processor: LlavaProcessor,
     images: list,
     args: argparse.Namespace,
+    unmerged: nn.Module,
 ) -> list[Row]:
-    """Rows (vanilla first) for one batch of photos."""
+    """Rows (vanilla first) for one batch of photos; ``unmerged`` is dymu+VTU patched with
+    never-merge thresholds (the check pass's reference)."""
     bsz = len(images)
     inputs = processor(images=images, text=[PROMPT] * bsz, return_tensors="pt").to(args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(args.dtype)
@@ -318,9 +375,14 @@ def bench_batch(
     with torch.inference_mode():
         out = enc(inputs["pixel_values"])
         logits = {k: prefill(m)()[0].logits[:, -1].float() for k, m in models.items()}
-        for name, model in models.items():
-            ids = model.generate(**inputs, **gen_kwargs)
-            assert ids.shape == (bsz, n_full + args.new_tokens), (name, ids.shape)
+        checked = dict(output_logits=True, return_dict_in_generate=True)
+        runs = {k: m.generate(**inputs, **gen_kwargs, **checked) for k, m in models.items()}
+        for name, run in runs.items():
+            if run.sequences.shape != (bsz, n_full + args.new_tokens):
+                raise SystemExit(f"check failed: {name} generated {tuple(run.sequences.shape)}")
+        same = unmerged.generate(**inputs, **gen_kwargs, **checked)
+        what = f"b{bsz} dymu+VTU, nothing merged,"
+        check_same_generation(runs["vanilla"], same, args.dtype, what)
         fns = {f"prefill {k}": prefill(m) for k, m in models.items()}
         fns.update({f"generate {k}": generate(m) for k, m in models.items()})
         ms = time_interleaved(fns, args.reps or (10 if bsz == 1 else 5), args.warmup)
@@ -379,6 +441,7 @@ def main() -> None:
         models[name] = model if vtu is None else shared_copy(model)
         if vtu is not None:
             hf_llava.apply(models[name], thresholds, vtu=vtu)
+    unmerged = hf_llava.apply(shared_copy(model), never_merge(thresholds), vtu=True)
     v, t = model.config.vision_config, model.config.text_config
     params = sum(p.numel() for p in model.parameters())
     print(
@@ -397,7 +460,8 @@ def main() -> None:
     rows = []
     for bsz in args.batch_sizes:
         cycled = [photos[i % len(photos)] for i in range(bsz)]
-        rows += bench_batch(models, enc, processor, [median] if bsz == 1 else cycled, args)
+        chosen = [median] if bsz == 1 else cycled
+        rows += bench_batch(models, enc, processor, chosen, args, unmerged)
     print()
     print_table(rows, args.new_tokens)
     print(

@@ -2,6 +2,8 @@
 length on the expanded hidden states, group means with Python loops. The reference the
 patched LMs must agree with."""
 
+import inspect
+
 import torch
 from transformers.masking_utils import create_causal_mask
 
@@ -17,6 +19,21 @@ def naive_group_mean(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _causal_mask(config, embeds, attention_mask, position_ids):
+    """transformers' own mask, called with the arguments this version names (no cache)."""
+    params = inspect.signature(create_causal_mask).parameters
+    extra = {"cache_position": position_ids[0]} if "cache_position" in params else {}
+    cache = "cache" if "cache" in params else "past_key_values"
+    embeds_name = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
+    return create_causal_mask(
+        config=config,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        **{embeds_name: embeds, cache: None},
+        **extra,
+    )
+
+
 def naive_logits(base, lm_head, embeds, mapping, attention_mask):
     """Expand to full length, run the unpatched attention, average per group; loops only.
 
@@ -26,13 +43,7 @@ def naive_logits(base, lm_head, embeds, mapping, attention_mask):
     slots = int(mapping.max()) + 1
     position_ids = torch.arange(n)[None]
     pos = base.rotary_emb(embeds, position_ids=position_ids)
-    mask = create_causal_mask(
-        config=base.config,
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        past_key_values=None,
-        position_ids=position_ids,
-    )
+    mask = _causal_mask(base.config, embeds, attention_mask, position_ids)
 
     def per_sample_mean(x):  # (B, N, C) -> (B, slots, C)
         out = torch.zeros(bsz, slots, x.shape[-1])

@@ -7,6 +7,7 @@ from conftest import TINY
 from naive import naive_encode
 
 import dymu
+from dymu import attention
 from dymu.attention import ATTENTION_MODES, attend
 from dymu.merge import Packing
 
@@ -39,22 +40,53 @@ def packed(lengths, dim=32, dtype=torch.float32, seed=0):
     return q, k, v, sizes, Packing.from_lengths(list(lengths), torch.device("cpu"))
 
 
+@pytest.fixture
+def ways(monkeypatch):
+    """Every call of the batched SDPA (``("sdpa", images in the call)``), the nested and the
+    flex way, recorded: which way really ran, not only that the result is right."""
+    calls = []
+
+    def spy(name, func):
+        def recorded(*args):
+            calls.append(("sdpa", args[5]) if name == "sdpa" else (name, None))
+            return func(*args)
+
+        monkeypatch.setattr(attention, f"_{name}", recorded)
+
+    for name in ("sdpa", "nested", "flex"):
+        spy(name, getattr(attention, f"_{name}"))
+    return calls
+
+
+def expected_calls(mode: str, lengths) -> list:
+    """The way each mode must take: equal lengths share one batched call (except flex),
+    unequal lengths run the mode itself (the loop: one call per image)."""
+    if mode == "flex":
+        return [("flex", None)]
+    if len(set(lengths)) == 1:
+        return [("sdpa", len(lengths))]
+    return [("sdpa", 1)] * len(lengths) if mode == "loop" else [(mode, None)]
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_sizes", [True, False])
 @pytest.mark.parametrize("lengths", [(7, 20, 3, 12), (1, 65, 2), (5, 5, 5), (130, 17)])
-def test_every_way_equals_attention_by_hand(mode, with_sizes, lengths):
+def test_every_way_equals_attention_by_hand(mode, with_sizes, lengths, ways):
     q, k, v, sizes, packing = packed(lengths)
     sizes = sizes if with_sizes else None
     out = attend(q, k, v, 4, packing, sizes, mode)
+    assert ways == expected_calls(mode, lengths)
     assert torch.allclose(out, by_hand(q, k, v, 4, lengths, sizes), atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["nested", "flex"])
-def test_bf16_packed_ways_agree_with_the_loop(mode):
+def test_bf16_packed_ways_agree_with_the_loop(mode, ways):
     lengths = (9, 40, 2, 23)
     q, k, v, sizes, packing = packed(lengths, dim=64, dtype=torch.bfloat16, seed=1)
     loop = attend(q, k, v, 4, packing, sizes, "loop").float()
+    ways.clear()
     out = attend(q, k, v, 4, packing, sizes, mode).float()
+    assert ways == expected_calls(mode, lengths)
     exact = by_hand(q.float(), k.float(), v.float(), 4, lengths, sizes)
     assert out.dtype == torch.float32 and attend(q, k, v, 4, packing, sizes, mode).dtype == q.dtype
     # as close to the fp32 result as the loop is (bf16 keeps 8 bits)
@@ -76,14 +108,18 @@ def calibrated(photos):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_encoder_gives_the_same_result_every_way(calibrated, mode):
+def test_encoder_gives_the_same_result_every_way(calibrated, mode, ways):
     encoder, pixels = calibrated
     with torch.inference_mode():
         encoder.attention = "loop"
         loop = encoder(pixels)
+        ways.clear()
         encoder.attention = mode
         out = encoder(pixels)
     encoder.attention = "auto"
+    # after the first merge the images' lengths differ: the mode's own way must have run
+    own = ("sdpa", 1) if mode == "loop" else (mode, None)
+    assert own in ways
     assert len(set(out.lengths.tolist())) > 2  # the photos really have different lengths
     assert torch.equal(out.lengths, loop.lengths) and torch.equal(out.groups, loop.groups)
     assert torch.allclose(out.tokens, loop.tokens, atol=1e-5)

@@ -103,13 +103,25 @@ def calibrated(photos):
     return dymu.find_thresholds(enc, [x[:4], x[4:8], x[8:]])
 
 
+def lm_prefill_kwargs(model) -> dict:
+    """The keyword arguments of the language model's first call (the prefill)."""
+    seen: dict = {}
+    model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: None if seen else seen.update(kw), with_kwargs=True
+    )
+    return seen
+
+
 def test_merging_generates_with_different_token_counts(calibrated):
+    """The counts are read from the patched model's own path: what the encoder apply()
+    installed returned inside generate(), and the slots of the mapping the LM was given."""
     model = build()
     hf_llava.apply(model, calibrated)
+    encoded = []
+    hf_llava.encoder_of(model).register_forward_hook(lambda m, a, out: encoded.append(out))
+    prefill = lm_prefill_kwargs(model)
     x, ids = pixels([checkerboard(), noise()]), prompts(2)
-    enc = hf_llava.build_encoder(model, calibrated)
     with torch.no_grad():
-        counts = enc(x).lengths.tolist()
         out = model.generate(
             input_ids=ids,
             pixel_values=x,
@@ -117,7 +129,11 @@ def test_merging_generates_with_different_token_counts(calibrated):
             max_new_tokens=3,
             do_sample=False,
         )
+    assert len(encoded) == 1  # generate() encoded once, with DyMU
+    counts = encoded[0].lengths.tolist()
     assert counts[0] < counts[1] < PATCHES  # the checkerboard keeps fewer tokens than noise
+    slots = (prefill["vtu_mapping"].amax(1) + 1).tolist()  # the LM ran at these lengths
+    assert slots == [ids.shape[1] - PATCHES + c for c in counts]
     assert out.shape == (2, ids.shape[1] + 3)
 
 
@@ -178,28 +194,45 @@ def test_per_call_feature_choice_is_honoured_or_refused(calibrated):
 
 
 def test_generate_encodes_with_dymu_and_matches_naive_step_by_step(calibrated):
-    """generate() encodes images before its first forward call: DyMU must be in that path."""
-    model = hf_llava.apply(build(), calibrated)
+    """generate() encodes images before its first forward call: DyMU must be in that path,
+    its features in the right places and the prompt's keys and values in the KV cache. The
+    reference: the unpatched model's embeddings with the merged features written into the
+    image positions by a loop, the loop-written mapping, and VTU run naively step by step on
+    the unpatched language model, every step at full length with no cache."""
+    ref = build()  # the same seeded weights, never patched
     x, ids = pixels([checkerboard()]), prompts(1)
-    seen: dict = {}
-    lm = model.model.language_model
-    lm.register_forward_pre_hook(
-        lambda m, a, kw: None if seen else seen.update(kw), with_kwargs=True
-    )
     steps = 4
     with torch.no_grad():
-        out = model.generate(input_ids=ids, pixel_values=x, max_new_tokens=steps, do_sample=False)
-        merged = hf_llava.build_encoder(model, calibrated)(x)
-        seq, mapping = seen["inputs_embeds"], seen["vtu_mapping"]
-        assert int(mapping.max()) + 1 == ids.shape[1] - PATCHES + int(merged.lengths[0])
-        tokens = []
+        merged = hf_llava.build_encoder(ref, calibrated)(x)
+        projected = ref.model.multi_modal_projector(merged.tokens)[0]
+        seq = ref.get_input_embeddings()(ids)
+        seen = 0
+        for n, token in enumerate(ids[0].tolist()):
+            if token == IMAGE_TOKEN:
+                seq[0, n] = projected[merged.groups[0, seen]]
+                seen += 1
+        mapping = naive_mapping(ids, merged.groups, merged.lengths)
+        lm, tokens, want_logits = ref.model.language_model, [], []
         for _ in range(steps):
             mask = torch.ones(seq.shape[:2], dtype=torch.long)
-            nxt = int(naive_logits(lm, model.lm_head, seq, mapping, mask)[0, -1].argmax())
-            tokens.append(nxt)
-            seq = torch.cat([seq, model.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
+            logits = naive_logits(lm, ref.lm_head, seq, mapping, mask)[0, -1]
+            want_logits.append(logits)
+            tokens.append(int(logits.argmax()))
+            seq = torch.cat([seq, ref.get_input_embeddings()(torch.tensor([[tokens[-1]]]))], 1)
             mapping = torch.cat([mapping, mapping.max()[None, None] + 1], 1)
-    assert out[0, -steps:].tolist() == tokens
+        model = hf_llava.apply(build(), calibrated)
+        out = model.generate(
+            input_ids=ids,
+            pixel_values=x,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    assert int(merged.lengths[0]) < PATCHES  # something merged, so VTU is not the identity
+    assert out.sequences[0, -steps:].tolist() == tokens
+    for got, want in zip(out.logits, want_logits, strict=True):
+        assert torch.allclose(got[0], want, atol=1e-4)
 
 
 def test_encoder_of_names_the_applied_encoder():

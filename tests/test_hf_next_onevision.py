@@ -208,18 +208,30 @@ def test_greedy_generate_matches_naive_step_by_step(family, case, calibrated, ph
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_simple_and_busy_images_get_different_counts(family, calibrated):
+    """The counts are read from the patched model's own path: what the encoder apply()
+    installed was given and returned inside generate(), and the mapping the LM was given."""
     model = build(family)
     inputs = pixels(family, [checkerboard(), noise()])
     counts, _ = feature_counts(model, inputs)
     ids, mask = prompts([[("text", 2), ("image", n), ("text", 2)] for n in counts])
     inputs = dict(inputs, input_ids=ids, attention_mask=mask)
-    encoder = hf_llava.build_encoder(model, calibrated[family])
-    crops = inputs["pixel_values"][:, 0]  # each image's base view
+    hf_llava.apply(model, calibrated[family])
+    calls = []
+    hf_llava.encoder_of(model).register_forward_hook(lambda m, a, out: calls.append((a[0], out)))
+    seen = capture_lm_inputs(model)
     with torch.no_grad():
-        lengths = encoder(crops).lengths.tolist()
-        hf_llava.apply(model, calibrated[family])
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
-    assert lengths[0] < lengths[1]
+    assert len(calls) == 1  # generate() encoded every crop once, in one batch, with DyMU
+    crops, encoded = calls[0]
+    lengths = []
+    for image in inputs["pixel_values"]:  # each image's base view: where it sits in the batch
+        row = [i for i in range(len(crops)) if torch.equal(crops[i], image[0])]
+        assert len(row) == 1
+        lengths.append(int(encoded.lengths[row[0]]))
+    patches = encoded.groups.shape[1]
+    assert lengths[0] < lengths[1] < patches
+    slots = (seen["vtu_mapping"].amax(1) + 1).tolist()  # the LM ran at these lengths
+    assert slots[0] < slots[1] < ids.shape[1]
     assert out.shape == (2, ids.shape[1] + 2)  # the prompt keeps the unmodified length
 
 

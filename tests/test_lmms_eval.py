@@ -266,3 +266,21 @@ def test_fixed_r_without_vtu_in_lmms_evals_simple_class(runs):
 def test_neither_thresholds_nor_r_is_refused_before_loading(runs):
     _, output = runs
     assert "dymu_llava_hf needs one of thresholds=FILE (DyMU) or r=INT" in output
+
+
+def test_a_refused_model_fails_the_run_under_debug_verbosity(built):
+    """lmms-eval logs a model that fails to load and exits 0; with --verbosity DEBUG it
+    re-raises, so scripts can see the failure (the README tells users so)."""
+    root = built[0]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(root / "hf"))
+    args = [sys.executable, "-m", "lmms_eval", "--model", "dymu_llava_hf", "--tasks", "dymu_tiny"]
+    args += ["--include_path", str(root / "task"), "--device", "cpu", "--batch_size", "1"]
+    args += ["--model_args", f"pretrained={root}/model,device_map=cpu,vtu=True"]
+    quiet = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    loud = subprocess.run(
+        [*args, "--verbosity", "DEBUG"], capture_output=True, text=True, env=env, cwd=root,
+        timeout=300,
+    )
+    assert quiet.returncode == 0  # lmms-eval's own behaviour, documented in the README
+    assert loud.returncode != 0
+    assert "dymu_llava_hf needs one of thresholds=FILE" in loud.stdout + loud.stderr

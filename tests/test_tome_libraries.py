@@ -12,7 +12,7 @@ import pytest
 import torch
 import towers
 from conftest import TINY
-from naive_tome import hf_vit_parts, naive_tome, open_clip_parts
+from naive_tome import Parts, hf_vit_parts, naive_tome, open_clip_parts, timm_parts
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -100,6 +100,73 @@ def test_fixed_r_patch_agrees_with_the_fixed_r_encoder(family, pixels):
     if want.pooled is not None and not isinstance(model, VisionTransformerDistilled):
         pooled = [v for v in got.values() if v.shape == want.pooled.shape]
         assert any(torch.allclose(v, want.pooled, atol=1e-5, rtol=1e-5) for v in pooled)
+
+
+def hf_pre_norm_parts(layer, attn: str, norms=("layer_norm1", "layer_norm2"), out="out_proj"):
+    """transformers CLIP, SigLIP (``self_attn``) and DINOv2 (``attention``, layer scale)."""
+    attention = getattr(layer, attn)
+    norm1, norm2 = (getattr(layer, n) for n in norms)
+    scale1 = getattr(layer, "layer_scale1", torch.nn.Identity())
+    scale2 = getattr(layer, "layer_scale2", torch.nn.Identity())
+
+    def qkv(x):
+        h = norm1(x)
+        return attention.q_proj(h), attention.k_proj(h), attention.v_proj(h)
+
+    return Parts(
+        qkv=qkv,
+        out=lambda o: scale1(getattr(attention, out)(o)),
+        mlp=lambda x: scale2(layer.mlp(norm2(x))),
+    )
+
+
+def tome_by_hand(family: str, model, image: torch.Tensor, r: list[int]) -> dict:
+    """One image through ``family`` with ToMe spelled out (naive_tome.py); the outputs the
+    patched model returns, by name, computed from the library's own modules."""
+    x = image[None]
+    if family == "hf CLIPVisionModel":
+        x = model.pre_layrnorm(model.embeddings(x))[0]
+        parts = [hf_pre_norm_parts(layer, "self_attn") for layer in model.encoder.layers]
+        x, *_ = naive_tome(x, parts, r, 4, 1)
+        return {"last_hidden_state": x, "pooler_output": model.post_layernorm(x[0])}
+    if family == "hf SiglipVisionModel":
+        parts = [hf_pre_norm_parts(layer, "self_attn") for layer in model.encoder.layers]
+        x, sizes, *_ = naive_tome(model.embeddings(x)[0], parts, r, 4, 0)
+        x = model.post_layernorm(x)
+        head = model.head  # attention pooling: log(size) added to the probe's logits
+        bias = torch.tensor(sizes).log()[None, :]
+        pooled = head.attention(head.probe[0], x, x, attn_mask=bias)[0]
+        pooled = pooled + head.mlp(head.layernorm(pooled))
+        return {"last_hidden_state": x, "pooler_output": pooled[0]}
+    if family == "hf Dinov2Model":
+        norms, out = ("norm1", "norm2"), "o_proj"
+        parts = [hf_pre_norm_parts(layer, "attention", norms, out) for layer in model.encoder.layer]
+        x, *_ = naive_tome(model.embeddings(x)[0], parts, r, 4, 1)
+        x = model.layernorm(x)
+        return {"last_hidden_state": x, "pooler_output": x[0]}
+    assert family == "open_clip SigLIP"
+    trunk = model.trunk
+    x = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(x)))[0]
+    x, sizes, *_ = naive_tome(x, [timm_parts(b) for b in trunk.blocks], r, 4, 0)
+    bias = torch.tensor(sizes).log()[None, None, None, :]
+    pooled = trunk.attn_pool(trunk.norm(x)[None], attn_mask=bias)
+    return {"out": model.head(trunk.head(trunk.fc_norm(pooled)))[0]}
+
+
+@pytest.mark.parametrize(
+    "family", ["hf CLIPVisionModel", "hf SiglipVisionModel", "hf Dinov2Model", "open_clip SigLIP"]
+)
+def test_fixed_r_equals_tome_spelled_out_on_more_libraries(family, pixels):
+    """The patched model against the loop-written ToMe (not against dymu's own encoder)."""
+    model = build(family)
+    r = [8, 4, 12, 0]
+    with torch.no_grad():
+        want = [tome_by_hand(family, model, image, r) for image in pixels]
+        dymu.apply_tome(model, r=r)
+        got = outputs(model, pixels)
+    assert set(got) == set(want[0])
+    for key, value in got.items():
+        torch.testing.assert_close(value, torch.stack([w[key] for w in want]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -1,5 +1,7 @@
 """Virtual token unmerging against the unpatched model and a naive full-length computation."""
 
+import sys
+
 import pytest
 import torch
 from conftest import TINY_LM
@@ -144,3 +146,76 @@ def test_apply_is_idempotent_and_remove_restores():
     assert not model.model._forward_pre_hooks and not model.model.layers[0]._forward_pre_hooks
     assert "forward" not in model.model.layers[0].self_attn.__dict__
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefill_writes_every_full_position_into_the_cache(family):
+    """After a VTU prefill the cache holds N full-length keys, equal to an independent
+    computation: layer 0's key projection of the group mean, rotated at each full position."""
+    model = build(family)
+    mapping = torch.tensor([[0, 1, 1, 2, 2, 2, 3, 4, 5, 6]])
+    embeds = torch.randn(1, 10, 32)
+    with torch.no_grad():
+        apply_vtu(model)
+        cache = model(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=True).past_key_values
+        assert cache is not None and cache.get_seq_length() == 10
+        keys = cache.layers[0].keys  # (1, kv_heads, 10, head_dim)
+        assert keys.shape[-2] == 10
+        attn = model.model.layers[0].self_attn
+        family_module = sys.modules[type(attn).__module__]
+        hidden = model.model.layers[0].input_layernorm(embeds[0, 3:6].mean(0))  # group 2
+        raw = attn.k_proj(hidden).view(1, -1, 1, attn.head_dim)  # (1, kv_heads, 1, head_dim)
+        cos, sin = model.model.rotary_emb(embeds, position_ids=torch.arange(10)[None])
+        for pos in (3, 4, 5):
+            _, want = family_module.apply_rotary_pos_emb(
+                raw, raw, cos[:, pos : pos + 1], sin[:, pos : pos + 1]
+            )
+            assert torch.allclose(keys[:, :, pos : pos + 1], want, atol=1e-5), pos
+
+
+def test_generate_runs_the_prefill_merged_and_decodes_from_the_cache():
+    """The prefill's attention sees the 7 slots, each decoding step one new token."""
+    model = build("llama")
+    apply_vtu(model)
+    lengths = []
+    hook = model.model.layers[0].self_attn.register_forward_hook(
+        lambda m, a, kw, out: lengths.append(out[0].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        out = model.generate(
+            inputs_embeds=torch.randn(1, 10, 32),
+            attention_mask=torch.ones(1, 10, dtype=torch.long),
+            vtu_mapping=torch.tensor([[0, 1, 1, 2, 2, 2, 3, 4, 5, 6]]),
+            max_new_tokens=3,
+            do_sample=False,
+            return_dict_in_generate=True,
+        )
+    hook.remove()
+    assert lengths == [7, 1, 1]
+    assert out.past_key_values.get_seq_length() == 10 + 2
+
+
+def test_a_mapping_that_does_not_cover_the_prompt_is_refused_at_prefill():
+    from dymu.errors import DyMUError
+
+    model = build("llama")
+    apply_vtu(model)
+    with torch.no_grad(), pytest.raises(DyMUError, match="covers 9 positions .* has 10"):
+        model(inputs_embeds=torch.randn(1, 10, 32), vtu_mapping=torch.arange(9)[None])
+
+
+def test_an_attention_without_a_known_cache_argument_is_refused():
+    from dymu.errors import DyMUError
+
+    model = build("llama")
+    attn = model.model.layers[0].self_attn
+
+    class Odd(type(attn)):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, kv=None):
+            raise AssertionError("never called")
+
+    Odd.__module__ = type(attn).__module__  # the family module, with its rotary function
+    attn.__class__ = Odd
+    with pytest.raises(DyMUError, match="KV cache"):
+        apply_vtu(model)
+    assert "forward" not in model.model.layers[1].self_attn.__dict__  # nothing half-patched

@@ -1,4 +1,4 @@
-"""The tower interface: what the encoder's block loop needs from a vision tower (DESIGN 8).
+"""The tower interface: what the encoder's block loop needs from a vision tower.
 
 An adapter reads one tower family's own modules (open_clip, timm, transformers), never a copy
 of their code, and sees the tower as pre-norm residual blocks:
@@ -95,7 +95,7 @@ class TowerAdapter(nn.Module, metaclass=ABCMeta):
         self, sizes: Callable[[], torch.Tensor | None]
     ) -> list[tuple[Any, str, Callable]]:
         """Instance patches that let the tower's own pooling see merged tokens with their
-        sizes (DESIGN 8), for :func:`dymu.apply_tome`: ``(object, method name, function)``,
+        sizes, for :func:`dymu.apply_tome`: ``(object, method name, function)``,
         each function taking the object first. ``sizes()`` gives the last forward's padded
         sizes ``(B, L)`` (0 on padding), ``None`` while nothing merged. Class-token heads need
         none; a head that cannot take sizes raises :class:`DyMUError`."""
@@ -171,7 +171,7 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def size_bias(sizes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``log(size)`` of every key as an additive attention bias ``(B, 1, 1, L)``; padding
-    (size 0) becomes -inf. Proportional attention for pooling heads (DESIGN 8)."""
+    (size 0) becomes -inf. Proportional attention for pooling heads."""
     return sizes.log().to(dtype)[:, None, None, :]
 
 

@@ -20,7 +20,7 @@ def map_head(head: nn.Module, tokens: torch.Tensor, sizes: torch.Tensor) -> torc
 
     Mirrors ``SiglipMultiheadAttentionPoolingHead.forward`` of transformers 5.23 (the SigLIP2
     head is the same) with one change: the probe's logits get ``log(size)`` of every key and
-    -inf on padding (DESIGN 8), so with nothing merged it is the unmodified head.
+    -inf on padding, so with nothing merged it is the unmodified head.
     """
     bsz, length = tokens.shape[:2]
     heads = head.attention.num_heads

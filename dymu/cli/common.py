@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import __version__
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from ..errors import DyMUError
-from ..schedule import SCHEDULES
+from ..schedule import SCHEDULES, canonical_schedule
 
 
 class Terminated(KeyboardInterrupt):
@@ -61,7 +61,7 @@ def run_main(
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        with _log_to_stderr(prog), _sigterm_as_interrupt():
+        with _log_to_stderr(prog, getattr(args, "verbose", False)), _sigterm_as_interrupt():
             return main(args) or 0
     except DyMUError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -77,16 +77,16 @@ def run_main(
 
 
 @contextmanager
-def _log_to_stderr(prog: str):
-    """dymu's own log lines (warnings and up), prefixed with the script's name, while the
-    script runs. Only the ``dymu`` logger is configured: other libraries keep their own
-    handlers, so nothing prints twice."""
+def _log_to_stderr(prog: str, verbose: bool = False):
+    """dymu's own log lines (warnings and up; info too with ``--verbose``), prefixed with
+    the script's name, while the script runs. Only the ``dymu`` logger is configured: other
+    libraries keep their own handlers, so nothing prints twice."""
     logger = logging.getLogger("dymu")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{prog}: %(message)s"))
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False  # a library's logging.warning() may have set up the root logger
     try:
         yield
@@ -136,6 +136,11 @@ def new_parser(prog: str, description: str, epilog: str | None = None, usage: st
         formatter_class=HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also print dymu's progress details and the model libraries' messages and bars",
+    )
     return p
 
 
@@ -155,13 +160,16 @@ def positive(low: int) -> Callable[[str], int]:
 
 
 def schedule_type(value: str) -> str | list[int]:
-    if value in SCHEDULES:
-        return value
+    """A schedule name (``reverse-linear`` as in model names, or ``reverse_linear``; the
+    underscore form is what files record) or a comma list of ints."""
+    if canonical_schedule(value) in SCHEDULES:
+        return canonical_schedule(value)
     try:
         return [int(v) for v in value.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"{value!r} is not one of {', '.join(SCHEDULES)} or a comma-separated list of ints"
+            f"{value!r} is not one of constant, linear, reverse-linear or a comma-separated "
+            "list of ints"
         ) from None
 
 

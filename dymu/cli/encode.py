@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from collections import Counter
 from pathlib import Path
@@ -20,6 +22,7 @@ from .common import (
 )
 
 PROG = "dymu-encode"
+_BAR_FROM = 9  # images from which a progress bar shows
 EXAMPLES = f"""\
 examples:
   {PROG} photo.jpg scan.png --thresholds ViT-L-14-336-tome.safetensors
@@ -56,6 +59,12 @@ def encode_parser() -> argparse.ArgumentParser:
         "--per-block", action="store_true", help="print the token count after every block"
     )
     p.add_argument(
+        "--batch-size",
+        type=positive(1),
+        default=16,
+        help="images encoded together (the counts do not depend on it)",
+    )
+    p.add_argument(
         "--show",
         metavar="DIR",
         default=None,
@@ -81,19 +90,33 @@ def encode(args: argparse.Namespace) -> int:
     failed = []
     lengths = []
     width = max(len(p) for p in args.images)
-    for path in args.images:
-        try:
-            line, length = _encode_one(encoder, path, args, pictures)
-        except DyMUError as exc:
-            failed.append(path)
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            continue
-        lengths.append(length)
-        print(f"{path:<{width}}  {line}")
+    bar = _progress(len(args.images))
+    with bar:
+        for start in range(0, len(args.images), args.batch_size):
+            paths = args.images[start : start + args.batch_size]
+            for path, (text, length) in zip(
+                paths, _encode_batch(encoder, paths, args, pictures), strict=True
+            ):
+                if length is None:
+                    failed.append(path)
+                    bar.write(f"{PROG}: {text}", file=sys.stderr)
+                else:
+                    lengths.append(length)
+                    bar.write(f"{path:<{width}}  {text}", file=sys.stdout)
+            bar.update(len(paths))
     _summary(encoder, lengths)
     if failed:
         raise Stop(f"{len(failed)} of {len(args.images)} images failed (first: {failed[0]})", 1)
     return 0
+
+
+def _progress(total: int):
+    """A progress bar on stderr, for more than a few images."""
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, unit="image", desc="encoding", file=sys.stderr, disable=total < _BAR_FROM
+    )
 
 
 def _load(args: argparse.Namespace, device: str):
@@ -113,22 +136,76 @@ def _load(args: argparse.Namespace, device: str):
         ) from None
 
 
-def _encode_one(encoder, path: str, args: argparse.Namespace, pictures) -> tuple[str, int]:
-    """One image: its line of output (the picture written, if asked) and its token count."""
+def _encode_batch(
+    encoder, paths: list[str], args: argparse.Namespace, pictures
+) -> list[tuple[str, int | None]]:
+    """Per image: its line of output and token count, or its error and None. The readable
+    images are encoded as one batch (each image's count is what it gets alone)."""
     import torch
 
-    from ..data import load_rgb, stack_inputs
+    from ..data import stack_inputs
 
-    inputs = stack_inputs([encoder.preprocess(load_rgb(path, args.max_pixels))])
+    results: list[tuple[str, int | None]] = [("", None)] * len(paths)
+    good, items = [], []
+    for i, path in enumerate(paths):
+        try:
+            items.append(encoder.preprocess(_read(path, args.max_pixels)))
+        except DyMUError as exc:
+            results[i] = str(exc), None
+            continue
+        good.append(i)
+    if not good:
+        return results
+    inputs = stack_inputs(items)
     with torch.inference_mode():
         out = encoder(inputs)
-    length = int(out.lengths[0])
-    line = f"{length:>4} tokens"
-    if args.per_block:
-        line += "  per block: " + " ".join(str(v) for v in out.block_lengths[0].tolist())
-    if pictures is not None:
-        line += "  -> " + str(_show(pictures[path], path, inputs, out, encoder))
-    return line, length
+    for index, i in enumerate(good):
+        length = int(out.lengths[index])
+        line = f"{length:>4} tokens"
+        if args.per_block:
+            line += "  per block: " + " ".join(map(str, out.block_lengths[index].tolist()))
+        try:
+            if pictures is not None:
+                picture = _show(pictures[paths[i]], paths[i], inputs, out, encoder, index)
+                line += f"  -> {picture}"
+        except DyMUError as exc:
+            results[i] = str(exc), None
+            continue
+        results[i] = line, length
+    return results
+
+
+def _read(path: str, max_pixels: int):
+    """Decode one image file; what cannot be read as a file is refused with its reason."""
+    from ..data import load_rgb
+
+    reason = _unreadable(path)
+    if reason is not None:
+        raise DyMUError(f"cannot read image {path}: {reason}")
+    return load_rgb(path, max_pixels)
+
+
+def _unreadable(path: str) -> str | None:
+    """Why ``path`` is no readable regular file (a directory, a device, a pipe, no
+    permission, an I/O error), or None. Pipes are refused before opening (no waiting)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing file"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(info.st_mode):
+        return "it is a directory"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if head and info.st_size == 0:
+        return "a special file that reports no size (e.g. under /proc)"
+    return None
 
 
 def _summary(encoder, lengths: list[int]) -> None:
@@ -172,14 +249,14 @@ def picture_names(images: list[str], folder: Path) -> dict[str, Path]:
     return out
 
 
-def _show(target: Path, path: str, inputs, out, encoder) -> Path:
-    """Write the merge picture of one image."""
+def _show(target: Path, path: str, inputs, out, encoder, index: int) -> Path:
+    """Write the merge picture of image ``index`` of the batch."""
     from ..visualize import merge_picture
 
-    rows, cols = encoder.tower.patch_grid(inputs, 0)
-    caption = f"{Path(path).name}: {int(out.lengths[0])} tokens from {rows * cols} patches"
+    rows, cols = encoder.tower.patch_grid(inputs, index)
+    caption = f"{Path(path).name}: {int(out.lengths[index])} tokens from {rows * cols} patches"
     try:
-        merge_picture(encoder, inputs, out, caption).save(target)
+        merge_picture(encoder, inputs, out, caption, index).save(target)
     except OSError as exc:
         raise DyMUError(f"cannot write {target}: {exc.strerror or exc}") from None
     return target

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..defaults import DTYPE_NAMES, INFERENCE_SAMPLE
+from ..errors import DyMUError
 from .common import (
     Stop,
     add_image_limits,
@@ -33,6 +34,7 @@ for dymu.load_encoder(..., thresholds=FILE) or dymu-encode --thresholds FILE.
 Bad images (missing, corrupt, too large) are skipped and listed in OUT.skipped.jsonl.
 Progress is saved in OUT.partial every --checkpoint-every batches and whenever the run
 stops (Ctrl-C, SIGTERM, an error): the same command with --resume continues from there.
+A run holds OUT.lock while it goes; a second run on the same --out is refused.
 Under torchrun the ranks split the batches and only rank 0 writes the result.
 
 Subcommands:
@@ -215,8 +217,16 @@ def _calibrate(cfg, rank: int):
         bar.update(batch.size + len(batch.skipped))
         bar.set_postfix(tokens=f"{tokens.mean:.1f}", skipped=skipped)
 
+    def on_sample(done: int, total: int) -> None:
+        """The inference-sample pass gets a bar of its own (rank 0 only runs it)."""
+        nonlocal bar
+        if done == 0:
+            bar.close()
+            bar = tqdm(total=total, unit="img", desc="inference sample", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
     try:
-        return run_calibration(cfg, on_batch, on_start)
+        return run_calibration(cfg, on_batch, on_start, on_sample=on_sample)
     finally:
         if bar is not None:
             bar.close()
@@ -270,7 +280,8 @@ def merge_parser() -> argparse.ArgumentParser:
         f"example:\n  {PROG} merge part-a.safetensors part-b.safetensors --out all.safetensors",
     )
     p.add_argument("parts", nargs="+", help="threshold files to combine")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True, help="output file (an existing one needs --force)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return p
 
 
@@ -278,7 +289,10 @@ def merge(args: argparse.Namespace) -> None:
     from ..coverage import merge_files
     from ..outputs import check_output
 
-    check_output(Path(args.out))
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise DyMUError(f"--out {out} exists: pass --force to overwrite it")
+    check_output(out)
     total = merge_files(args.parts)
     total.save(args.out)
     images = total.metadata.get("images", "?")
