@@ -1,7 +1,12 @@
 """dymu: dynamic token merging (DyMU) for vision transformers and VLMs, training-free.
 
 The public names are imported on first use (PEP 562), so ``import dymu`` and its light
-modules (``dymu.errors``, ``dymu.schedule``, ...) do not pull in open_clip or transformers.
+modules (``dymu.errors``, ``dymu.engine.schedule``, ...) do not pull in open_clip or
+transformers. The package is laid out by stage, in data-flow order (README: How it fits
+together): the ground floor (errors, patching, the thresholds format) directly in ``dymu/``,
+then ``sources``, ``towers``, ``engine``, ``encoder``, ``calibration``, ``lm``,
+``integrations`` and ``cli``; each imports only the ones before it. Module paths from before
+this layout (``dymu.vtu``, ``dymu.job``, ...) still import (:mod:`dymu._moved`).
 """
 
 from __future__ import annotations
@@ -10,23 +15,26 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
+from . import _moved
+
 __version__ = "0.1.0"
+_moved.install()
 
 # public name -> the submodule defining it
 _LAZY = {
-    "DyMUEncoder": "encoder",
-    "EncoderOutput": "encoder",
+    "DyMUEncoder": "encoder.model",
+    "EncoderOutput": "encoder.model",
     "DyMUError": "errors",
     "Thresholds": "thresholds",
-    "apply_tome": "tome",
-    "apply_vtu": "vtu",
-    "build_encoder": "factory",
-    "find_thresholds": "calibrate",
-    "load_encoder": "factory",
-    "make_schedule": "schedule",
-    "remove_tome": "tome",
-    "remove_vtu": "vtu",
-    "resolve_name": "names",
+    "apply_tome": "encoder.tome",
+    "apply_vtu": "lm.vtu",
+    "build_encoder": "encoder.factory",
+    "find_thresholds": "calibration.loop",
+    "load_encoder": "encoder.factory",
+    "make_schedule": "engine.schedule",
+    "remove_tome": "encoder.tome",
+    "remove_vtu": "lm.vtu",
+    "resolve_name": "encoder.names",
 }
 
 __all__ = [
@@ -47,15 +55,15 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .calibrate import find_thresholds
-    from .encoder import DyMUEncoder, EncoderOutput
+    from .calibration.loop import find_thresholds
+    from .encoder.factory import build_encoder, load_encoder
+    from .encoder.model import DyMUEncoder, EncoderOutput
+    from .encoder.names import resolve_name
+    from .encoder.tome import apply_tome, remove_tome
+    from .engine.schedule import make_schedule
     from .errors import DyMUError
-    from .factory import build_encoder, load_encoder
-    from .names import resolve_name
-    from .schedule import make_schedule
+    from .lm.vtu import apply_vtu, remove_vtu
     from .thresholds import Thresholds
-    from .tome import apply_tome, remove_tome
-    from .vtu import apply_vtu, remove_vtu
 
 
 def __getattr__(name: str) -> Any:

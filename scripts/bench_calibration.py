@@ -2,7 +2,7 @@
 
 Two measurements, for one model with random (seeded) weights (``--pretrained none``):
 
-1. Throughput. Images/s of threshold finding (:func:`dymu.job.run_calibration`, what
+1. Throughput. Images/s of threshold finding (:func:`dymu.calibration.job.run_calibration`, what
    ``dymu-find-thresholds`` runs) against a plain open_clip forward
    (``enc.tower.module(pixels)`` under ``torch.inference_mode``) over the same stream: the
    same source, ``ImageStream`` + ``iterate_batches`` with the same batch size and workers.
@@ -52,8 +52,8 @@ import torch
 from PIL import Image, ImageEnhance
 
 import dymu
-from dymu.data import ImageStream, iterate_batches, load_rgb, open_source
-from dymu.job import DTYPES, CalibrationConfig, run_calibration
+from dymu.calibration.job import DTYPES, CalibrationConfig, run_calibration
+from dymu.sources.stream import ImageStream, iterate_batches, load_rgb, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "examples" / "images"

@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 
 import dymu
-from dymu.attention import ATTENTION_MODES
-from dymu.data import load_rgb, open_source
+from dymu.engine.attention import ATTENTION_MODES
+from dymu.sources.stream import load_rgb, open_source
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -350,7 +350,7 @@ def main() -> None:
         nargs="+",
         default=["auto"],
         choices=ATTENTION_MODES,
-        help="how images of different lengths attend (dymu.attention); the first is the "
+        help="how images of different lengths attend (dymu.engine.attention); the first is the "
         "table's dymu, the others are timed beside it in the same run (default: auto)",
     )
     args = parser.parse_args()

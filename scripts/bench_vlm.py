@@ -80,10 +80,10 @@ from torch import nn
 from transformers import LlavaProcessor
 
 import dymu
-from dymu.data import load_rgb, open_source
-from dymu.encoder import EncoderOutput
+from dymu.encoder.model import EncoderOutput
+from dymu.engine.schedule import make_schedule
 from dymu.integrations import hf_llava
-from dymu.schedule import make_schedule
+from dymu.sources.stream import load_rgb, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "USER: <image>\nDescribe the image. ASSISTANT:"

@@ -183,8 +183,8 @@ def build_keys(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
 
 
 def build_mapping(args: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
-    """(1, N) full position -> slot, slots in order of first appearance (dymu.layouts)."""
-    from dymu.layouts import slot_mapping
+    """(1, N) full position -> slot, slots in order of first appearance (dymu.lm.layouts)."""
+    from dymu.lm.layouts import slot_mapping
 
     return slot_mapping(build_keys(args, gen)[None])
 

@@ -1,6 +1,6 @@
 """A deliberately naive DyMU (DESIGN sections 3 and 8), one image at a time with Python lists.
 
-Independent of ``dymu.merge`` and the adapters: attention written out head by head (or
+Independent of ``dymu.engine.merge`` and the adapters: attention written out head by head (or
 vanilla ``nn.MultiheadAttention`` with a float mask) for proportional attention, a separate
 key projection for the metric, loops for matching and merging. Used only as the reference the
 fast implementation must agree with. Two towers: open_clip's CLIP ViT (a class token) and

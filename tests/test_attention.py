@@ -8,8 +8,8 @@ from naive import naive_encode
 
 import dymu
 from dymu import attention
-from dymu.attention import ATTENTION_MODES, attend
-from dymu.merge import Packing
+from dymu.engine.attention import ATTENTION_MODES, attend
+from dymu.engine.merge import Packing
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 MODES = [m for m in ATTENTION_MODES if m != "auto"]

@@ -60,7 +60,7 @@ def test_load_encoder_without_pretrained_warns_once_that_weights_are_random(capl
     assert encoder.pretrained == "none"
     warned = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warned) == 1 and "random weights" in warned[0].getMessage()
-    assert warned[0].name == "dymu.factory"
+    assert warned[0].name == "dymu.encoder.factory"
     # open_clip's own root-logger line comes back as a dymu info line, not from root
     assert not [r for r in caplog.records if r.name == "root"]
     assert any("open_clip: No pretrained weights" in r.getMessage() for r in caplog.records)

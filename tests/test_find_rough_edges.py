@@ -21,14 +21,14 @@ import torch
 from conftest import CONFIGS, TINY, interrupt_after
 from safetensors import safe_open
 
-import dymu.job
+import dymu.calibration.job
 from dymu import DyMUError, Thresholds
-from dymu.checkpoint import lock_path, run_lock
+from dymu.calibration.checkpoint import lock_path, run_lock
+from dymu.calibration.job import CalibrationConfig, run_calibration
 from dymu.cli import find_thresholds_main
 from dymu.cli.find import find_thresholds_parser, merge_parser
-from dymu.data import open_source
-from dymu.job import CalibrationConfig, run_calibration
-from dymu.schedule import make_schedule
+from dymu.engine.schedule import make_schedule
+from dymu.sources.stream import open_source
 
 MODEL = f"{TINY}-tome-24out"
 FIND = "dymu-find-thresholds"
@@ -136,14 +136,14 @@ def test_a_held_lock_refuses_the_second_run_and_leaves_the_partial(photo_dir, tm
 
 SLOW_RUN = """
 import sys, time
-import dymu.data
+import dymu.sources.stream
 from dymu.cli import find_thresholds_main
 
-opened = dymu.data._open
+opened = dymu.sources.stream._open
 def slow(item, max_pixels):
     time.sleep(0.5)
     return opened(item, max_pixels)
-dymu.data._open = slow
+dymu.sources.stream._open = slow
 sys.exit(find_thresholds_main(sys.argv[1:]))
 """
 
@@ -222,7 +222,7 @@ def no_model(monkeypatch):
     def build(*a, **kw):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(dymu.job, "build_encoder", build)
+    monkeypatch.setattr(dymu.calibration.job, "build_encoder", build)
 
 
 def test_bad_hf_model_and_empty_data_are_refused_before_the_model(

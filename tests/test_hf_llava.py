@@ -10,9 +10,9 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 import dymu
 from dymu import Thresholds
-from dymu.adapters import HFCLIPTower
 from dymu.integrations import hf_llava
-from dymu.vtu import apply_vtu
+from dymu.lm.vtu import apply_vtu
+from dymu.towers import HFCLIPTower
 
 IMAGE_TOKEN = 63
 PATCHES = 16  # 32 x 32 images, 8 x 8 patches

@@ -13,8 +13,8 @@ from PIL import Image
 
 import dymu
 from dymu import Thresholds
+from dymu.calibration.job import CalibrationConfig, run_calibration
 from dymu.cli import encode_main, find_thresholds_main
-from dymu.job import CalibrationConfig, run_calibration
 
 KINDS = {"clip": "hf CLIP", "siglip": "hf SigLIP", "siglip2": "hf SigLIP2"}
 
@@ -213,7 +213,7 @@ def test_thresholds_of_one_tower_are_refused_for_another(folders, data, tmp_path
 def test_the_job_and_find_thresholds_share_one_core(folders, data, tmp_path):
     """The CLI job on any encoder gives what dymu.find_thresholds gives on the same batches,
     with the same metadata."""
-    from dymu.data import load_rgb, open_source, stack_inputs
+    from dymu.sources.stream import load_rgb, open_source, stack_inputs
 
     enc = dymu.build_encoder(towers.build("hf ViT"))
     job = run_calibration(

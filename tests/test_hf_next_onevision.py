@@ -94,7 +94,7 @@ def capture_lm_inputs(model) -> dict:
 
 def expected_keys(model, encoder, inputs: dict) -> torch.Tensor:
     """Per position of the prompt, which merged token it holds (``-1``: its own slot),
-    independently of dymu.layouts: the unpatched model's own feature code runs with its
+    independently of dymu.lm.layouts: the unpatched model's own feature code runs with its
     projector output replaced by a random vector per merged token; a row still equal to one
     token's vector holds that token, a blend or a newline matches none."""
     keys = torch.full(inputs["input_ids"].shape, -1)

@@ -22,7 +22,9 @@ def loaded_after(code: str) -> list[str]:
     return proc.stdout.split()
 
 
-@pytest.mark.parametrize("module", ["dymu", "dymu.errors", "dymu.names", "dymu.schedule"])
+@pytest.mark.parametrize(
+    "module", ["dymu", "dymu.errors", "dymu.encoder.names", "dymu.engine.schedule"]
+)
 def test_light_imports_load_no_heavy_library(module):
     assert loaded_after(f"import {module}") == []
 

@@ -1,11 +1,11 @@
-"""Marker rows and slot mappings (dymu.layouts) on small hand-worked examples."""
+"""Marker rows and slot mappings (dymu.lm.layouts) on small hand-worked examples."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dymu import DyMUError
-from dymu.layouts import marker_rows, place_keys, read_markers, slot_mapping
+from dymu.lm.layouts import marker_rows, place_keys, read_markers, slot_mapping
 
 
 def test_markers_name_their_merged_token_through_reshapes():

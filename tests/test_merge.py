@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from dymu.merge import Packing, batch_rule, bipartite_scores, plan_merge, threshold_rule
+from dymu.engine.merge import Packing, batch_rule, bipartite_scores, plan_merge, threshold_rule
 
 INF = math.inf
 

@@ -19,8 +19,8 @@ import torch
 from conftest import PHOTOS, TINY, interrupt_after
 
 from dymu import DyMUError
-from dymu.data import ImageStream, iterate_batches, open_source
-from dymu.job import CalibrationConfig, run_calibration
+from dymu.calibration.job import CalibrationConfig, run_calibration
+from dymu.sources.stream import ImageStream, iterate_batches, open_source
 
 MODEL = f"{TINY}-tome-24out"
 

@@ -17,8 +17,8 @@ from conftest import CONFIGS, TINY
 from PIL import Image
 
 from dymu import Thresholds
+from dymu.calibration.job import CalibrationConfig, run_calibration
 from dymu.cli import encode_main, find_thresholds_main
-from dymu.job import CalibrationConfig, run_calibration
 
 MODEL = f"{TINY}-tome-24out"
 FIND = "dymu-find-thresholds"
@@ -210,14 +210,14 @@ def test_atomic_save_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 SLOW_RUN = """
 import sys, time
-import dymu.data
+import dymu.sources.stream
 from dymu.cli import find_thresholds_main
 
-opened = dymu.data._open
+opened = dymu.sources.stream._open
 def slow(item, max_pixels):
     time.sleep(0.4)  # room to send the signal mid-run
     return opened(item, max_pixels)
-dymu.data._open = slow
+dymu.sources.stream._open = slow
 sys.exit(find_thresholds_main(sys.argv[1:]))
 """
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 import dymu
 from dymu import Thresholds
+from dymu.calibration.job import CalibrationConfig, run_calibration
 from dymu.cli import find_thresholds_main
-from dymu.data import open_source
-from dymu.job import CalibrationConfig, run_calibration
+from dymu.sources.stream import open_source
 
 MODEL = f"{TINY}-tome-24out"
 
@@ -141,7 +141,7 @@ def test_bad_data_is_counted_and_reported(messy, tmp_path):
     assert res.thresholds.metadata["images"] == "8"
     # skips never shift batches: the same as calibrating the surviving images of each batch
     enc = dymu.build_encoder(MODEL)
-    from dymu.data import load_rgb
+    from dymu.sources.stream import load_rgb
 
     def batch(names):
         return torch.stack([enc.preprocess(load_rgb(root / n)) for n in names])
@@ -325,7 +325,8 @@ def test_broken_shards_are_reported_not_fatal(photos, tmp_path):
     (tmp_path / "junk.tar").write_bytes(b"not a tar " * 100)
     reasons = {}
     for name in ("good", "cut", "junk"):
-        stream = dymu.data.ImageStream(open_source(str(tmp_path / f"{name}.tar")), lambda im: 0)
+        source = open_source(str(tmp_path / f"{name}.tar"))
+        stream = dymu.sources.stream.ImageStream(source, lambda im: 0)
         reasons[name] = [item.reason for item in stream]
     assert reasons["good"] == [None, "no image in sample (keys: txt)", None]
     assert reasons["cut"][:2] == reasons["good"][:2] and len(reasons["cut"]) == 3

@@ -14,8 +14,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 import dymu
 from dymu import DyMUError, Thresholds
-from dymu.schedule import tome_schedule
-from dymu.visualize import tome_picture
+from dymu.encoder.visualize import tome_picture
+from dymu.engine.schedule import tome_schedule
 
 VIT = dict(img_size=64, patch_size=8, embed_dim=32, depth=4, num_heads=4, num_classes=10)
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "brick", "grass"]

@@ -13,7 +13,7 @@ from conftest import photo
 from naive import SiglipNaive, naive_run
 
 import dymu
-from dymu.data import stack_inputs
+from dymu.sources.stream import stack_inputs
 
 KINDS = list(towers.BUILDERS)
 # the bundled photos have different aspect ratios: SigLIP2 gives them different patch grids

@@ -8,7 +8,7 @@ from PIL import Image
 
 import dymu
 from dymu import DyMUError
-from dymu.visualize import render_groups, shown_image
+from dymu.encoder.visualize import render_groups, shown_image
 
 GRID, PATCH = 4, 3
 

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from dymu.vtu import apply_vtu, is_vtu_applied, remove_vtu
+from dymu.lm.vtu import apply_vtu, is_vtu_applied, remove_vtu
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
+from ..engine.schedule import SCHEDULES, canonical_schedule
 from ..errors import DyMUError
-from ..schedule import SCHEDULES, canonical_schedule
 
 
 class Terminated(KeyboardInterrupt):

@@ -120,7 +120,7 @@ def _progress(total: int):
 
 
 def _load(args: argparse.Namespace, device: str):
-    from ..factory import load_encoder
+    from ..encoder.factory import load_encoder
     from ..thresholds import Thresholds
 
     model, pretrained = tower_choice(args)
@@ -143,7 +143,7 @@ def _encode_batch(
     images are encoded as one batch (each image's count is what it gets alone)."""
     import torch
 
-    from ..data import stack_inputs
+    from ..sources.stream import stack_inputs
 
     results: list[tuple[str, int | None]] = [("", None)] * len(paths)
     good, items = [], []
@@ -177,7 +177,7 @@ def _encode_batch(
 
 def _read(path: str, max_pixels: int):
     """Decode one image file; what cannot be read as a file is refused with its reason."""
-    from ..data import load_rgb
+    from ..sources.stream import load_rgb
 
     reason = _unreadable(path)
     if reason is not None:
@@ -251,7 +251,7 @@ def picture_names(images: list[str], folder: Path) -> dict[str, Path]:
 
 def _show(target: Path, path: str, inputs, out, encoder, index: int) -> Path:
     """Write the merge picture of image ``index`` of the batch."""
-    from ..visualize import merge_picture
+    from ..encoder.visualize import merge_picture
 
     rows, cols = encoder.tower.patch_grid(inputs, index)
     caption = f"{Path(path).name}: {int(out.lengths[index])} tokens from {rows * cols} patches"

@@ -157,7 +157,7 @@ def find_thresholds_parser() -> argparse.ArgumentParser:
 
 
 def find_thresholds(args: argparse.Namespace) -> None:
-    from ..job import CalibrationConfig
+    from ..calibration.config import CalibrationConfig
 
     register_configs(args.model_config)
     model, pretrained = tower_choice(args)
@@ -197,8 +197,8 @@ def _calibrate(cfg, rank: int):
     """The run, with a progress bar on rank 0."""
     from tqdm import tqdm
 
-    from ..factory import normalize_pretrained
-    from ..job import run_calibration
+    from ..calibration.job import run_calibration
+    from ..encoder.factory import normalize_pretrained
 
     bar = None
     skipped = 0
@@ -286,7 +286,7 @@ def merge_parser() -> argparse.ArgumentParser:
 
 
 def merge(args: argparse.Namespace) -> None:
-    from ..coverage import merge_files
+    from ..calibration.coverage import merge_files
     from ..outputs import check_output
 
     out = Path(args.out)
@@ -316,9 +316,9 @@ def convert_parser() -> argparse.ArgumentParser:
 
 def convert(args: argparse.Namespace) -> None:
     from .. import __version__
-    from ..names import resolve_name
+    from ..encoder.names import resolve_name
+    from ..engine.schedule import make_schedule
     from ..outputs import check_output
-    from ..schedule import make_schedule
     from ..thresholds import Thresholds
 
     register_configs(args.model_config)

@@ -10,7 +10,7 @@ Everything after the projector (AnyRes grids, unpadding, newline tokens, video p
 anyres_max interpolation) is the model's own code, run on the merged features expanded to
 full grids, so the prompt keeps the unmodified model's layout and length. With ``vtu=True``
 the language model runs virtual token unmerging; its mapping comes from the same code run on
-markers (:mod:`dymu.layouts`). With ``vtu=False`` the language model runs unchanged on that
+markers (:mod:`dymu.lm.layouts`). With ``vtu=False`` the language model runs unchanged on that
 full-length prompt (the encoder's effect alone). ``model.generate(**processor(...))`` works
 unchanged; ``remove`` puts back exactly what was there.
 """
@@ -24,14 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..adapters import adapt
-from ..encoder import DyMUEncoder, EncoderOutput
+from ..encoder.model import DyMUEncoder, EncoderOutput
+from ..engine.schedule import ToMeR, make_schedule, tome_schedule
 from ..errors import DyMUError
-from ..layouts import marker_rows, place_keys, read_markers, slot_mapping
+from ..lm.layouts import marker_rows, place_keys, read_markers, slot_mapping
+from ..lm.vtu import apply_vtu, expand_groups, patch_forward_with_mapping, remove_vtu
 from ..patching import call_prior, patch, temporarily, unpatch
-from ..schedule import ToMeR, make_schedule, tome_schedule
 from ..thresholds import Thresholds
-from ..vtu import apply_vtu, expand_groups, patch_forward_with_mapping, remove_vtu
+from ..towers import adapt
 
 _STATE = "_dymu_llava"
 _CLASSES = {  # outer class -> its inner model class, in transformers

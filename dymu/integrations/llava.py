@@ -11,7 +11,7 @@ the merged tokens directly (a shorter prompt, no VTU, one view per image). ``"dy
 (or a list, one per block) merges that many tokens per block in every image instead of
 using thresholds (ToMe's fixed r, for comparisons at equal budget). LLaVA-1.6 anyres
 crops (unpadded, with newline tokens) are followed by running LLaVA's own arrangement on
-markers (:mod:`dymu.layouts`). Models with other towers behave exactly as before;
+markers (:mod:`dymu.lm.layouts`). Models with other towers behave exactly as before;
 :func:`disable` puts back every class attribute as it was. ``python -m
 dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of LLaVA's scripts with DyMU.
 """
@@ -27,12 +27,12 @@ import open_clip
 import torch
 from torch import nn
 
+from ..encoder.factory import load_encoder
+from ..encoder.names import resolve_name
+from ..engine.schedule import tome_schedule
 from ..errors import DyMUError, MissingThresholds
-from ..factory import load_encoder
-from ..layouts import marker_rows, read_markers, slot_mapping
-from ..names import resolve_name
-from ..schedule import tome_schedule
-from ..vtu import apply_vtu, expand_groups
+from ..lm.layouts import marker_rows, read_markers, slot_mapping
+from ..lm.vtu import apply_vtu, expand_groups
 
 IGNORE_INDEX = -100  # LLaVA's label for positions without a target
 SUPPORTED = {"llava_llama": "LLaVA-Llama", "llava_mistral": "LLaVA-Mistral"}
@@ -240,7 +240,7 @@ def _encode_images(self, images):
 
 def _trace(self, input_ids, attention_mask, images, image_sizes) -> torch.Tensor:
     """``(B, N)``: the merged token each position of the sequence LLaVA builds holds (its
-    key, see :mod:`dymu.layouts`), -1 for text, padding and LLaVA's image_newline tokens.
+    key, see :mod:`dymu.lm.layouts`), -1 for text, padding and LLaVA's image_newline tokens.
 
     LLaVA's input preparation runs a second time with markers for features, so every
     arrangement it makes (anyres crops, unpadding, newlines) is followed, not re-implemented.

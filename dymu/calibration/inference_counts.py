@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .data import ImageStream, iterate_batches
-from .encoder import DyMUEncoder
-from .thresholds import Thresholds
+from ..encoder.model import DyMUEncoder
+from ..sources.stream import ImageStream, iterate_batches
+from ..thresholds import Thresholds
 
 if TYPE_CHECKING:
-    from .job import CalibrationConfig
+    from .config import CalibrationConfig
 
 
 def inference_tokens(

@@ -11,7 +11,7 @@ import os
 import socket
 from urllib.parse import urlparse
 
-from .errors import DyMUError
+from ..errors import DyMUError
 
 _PROBE_SECONDS = 5.0
 _PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")

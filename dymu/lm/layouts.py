@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DyMUError
+from ..errors import DyMUError
 
 # A merged token's key k is written in base-8 digits d_i; each digit takes two channels,
 # d_i and d_i ** 2. A convex combination of rows with different digits has

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import DyMUError
+from ..errors import DyMUError
 
 _EDGE = (255, 255, 255)
 

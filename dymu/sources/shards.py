@@ -38,8 +38,8 @@ from pathlib import Path
 
 from torch.utils.data import get_worker_info
 
-from .data import RawItem
-from .errors import DyMUError
+from ..errors import DyMUError
+from .items import RawItem
 
 try:
     import fcntl

@@ -20,8 +20,8 @@ import sys
 import torch
 from torch import nn
 
-from .errors import DyMUError
-from .patching import call_prior, patch, unpatch
+from ..errors import DyMUError
+from ..patching import call_prior, patch, unpatch
 
 _STATE = "_dymu_vtu_handles"
 _CACHE_ARG = "_dymu_vtu_cache_argument"

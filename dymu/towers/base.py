@@ -3,7 +3,7 @@
 An adapter reads one tower family's own modules (open_clip, timm, transformers), never a copy
 of their code, and sees the tower as pre-norm residual blocks:
 ``x = x + attn_out(attend(qkv(x))); [merge]; x = x + mlp(x)``. ``supports`` says whether a
-module is one the adapter serves; the registry in ``adapters/__init__.py`` asks each adapter
+module is one the adapter serves; the registry in ``towers/__init__.py`` asks each adapter
 in turn.
 """
 

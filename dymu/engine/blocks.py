@@ -1,7 +1,7 @@
 """One block of a tower with merging: the step the encoder and the ToMe patch share.
 
 A block is ``x = x + attn_out(attend(qkv(x))); [merge]; x = x + mlp(x)``, read
-through a :class:`~dymu.adapters.base.TowerAdapter`. What the merge does is a
+through a :class:`~dymu.towers.base.TowerAdapter`. What the merge does is a
 :class:`Merging`: a threshold or batch rule (DyMU), or a fixed ``r`` per image (ToMe mode).
 Tokens travel packed (:class:`Tokens`), so no image pays for another's length.
 """
@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .adapters.base import TowerAdapter
+from ..errors import DyMUError
+from ..thresholds import Thresholds
+from ..towers.base import TowerAdapter
 from .attention import attend
-from .errors import DyMUError
 from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, threshold_rule
-from .thresholds import Thresholds
 
 # A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
 Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -59,7 +59,7 @@ def run_block(
     attention: str = "auto",
 ) -> Tokens:
     """Attention (with ``log(size)`` bias when ``prop_attn``; ``attention`` picks how images
-    of different lengths attend, :mod:`dymu.attention`), the merge, the MLP."""
+    of different lengths attend, :mod:`dymu.engine.attention`), the merge, the MLP."""
     x, packing, prefix = tokens.x, tokens.packing, tower.num_prefix_tokens
     heads, dim = tower.num_heads, x.shape[-1]
     q, k, v = tower.qkv(block, x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import DyMUError
+from ..errors import DyMUError
 
 SCHEDULES = ("constant", "linear", "reverse_linear")
 

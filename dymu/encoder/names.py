@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import DyMUError
+from ..errors import DyMUError
 
 _NAME = re.compile(r"^(?P<base>.+?)-tome(?:-(?P<keep>\d+)out)?(?P<sched>-linear|-reverse-linear)?$")
 
@@ -36,7 +36,7 @@ def resolve_name(name: str) -> ModelSpec:
             "e.g. 'ViT-L-14-336-tome' or 'ViT-B-16-tome-100out-linear'"
         )
     base = match["base"]
-    import open_clip  # imported here: ``import dymu.names`` stays light
+    import open_clip  # imported here: ``import dymu.encoder.names`` stays light
 
     cfg = open_clip.get_model_config(base)
     if cfg is None:

@@ -3,7 +3,9 @@
 ``ADAPTERS`` lists every adapter as ``module:Class``; :func:`adapt` asks each in order whether
 it ``supports`` a module. An adapter file imports its own library (timm, transformers); when
 that library is not installed the adapter is left out, since no module of that library can
-exist. A new tower family is one new file plus one line here.
+exist. A new tower family is one new file plus one line here. Beside the adapters:
+``weights`` checks that named open_clip weights can be had before a run starts, and
+``hf_folder`` loads the vision tower of a transformers folder.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def adapt(tower: nn.Module) -> TowerAdapter:
 
 
 def __getattr__(name: str) -> type[TowerAdapter]:
-    """``from dymu.adapters import HFCLIPTower`` and the like, imported on first use."""
+    """``from dymu.towers import HFCLIPTower`` and the like, imported on first use."""
     for entry in ADAPTERS:
         if entry.endswith(f":{name}"):
             cls = _load(entry)

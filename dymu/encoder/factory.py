@@ -12,14 +12,14 @@ import open_clip
 import torch
 from torch import nn
 
-from .adapters import TowerAdapter, adapter_for, supported_families
-from .encoder import DyMUEncoder
-from .errors import DyMUError, MissingThresholds
+from ..engine.schedule import make_schedule
+from ..errors import DyMUError, MissingThresholds
+from ..quiet import open_clip_logs
+from ..thresholds import Thresholds, find_threshold_file, search_paths
+from ..towers import TowerAdapter, adapter_for, supported_families
+from ..towers.weights import check_weights_reachable
+from .model import DyMUEncoder
 from .names import resolve_name
-from .quiet import open_clip_logs
-from .schedule import make_schedule
-from .thresholds import Thresholds, find_threshold_file, search_paths
-from .weights import check_weights_reachable
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def build_encoder(
     are given). Without ``r_total`` a name's own budget applies; folders and instances keep a
     third of the patches. With ``fixed_r`` every image merges exactly the schedule's ``r`` per
     block (ToMe mode) and needs no thresholds. ``attention`` picks how images of
-    different lengths attend (:mod:`dymu.attention`; the default suits the device).
+    different lengths attend (:mod:`dymu.engine.attention`; the default suits the device).
     """
     source = _resolve(model, pretrained, seed, dtype, device)
     tower = source.tower
@@ -197,7 +197,7 @@ def _resolve(model: ModelSource, pretrained: str | None, seed: int, dtype, devic
         return _Source(tower, instance_name(tower.module), "unknown", None)
     text = os.fspath(model)
     if folder:
-        from .hf_folder import load_vision_tower
+        from ..towers.hf_folder import load_vision_tower
 
         module, stats = load_vision_tower(text, dtype)
         tower = find_tower(module)

@@ -9,12 +9,12 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
-from .adapters.base import Inputs, TowerAdapter
-from .attention import check_mode
-from .blocks import Merging, Tokens, run_block, threshold_merging
-from .errors import DyMUError, MissingThresholds
-from .merge import Packing, batch_rule
-from .thresholds import Thresholds, TowerIdentity
+from ..engine.attention import check_mode
+from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
+from ..engine.merge import Packing, batch_rule
+from ..errors import DyMUError, MissingThresholds
+from ..thresholds import Thresholds, TowerIdentity
+from ..towers.base import Inputs, TowerAdapter
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class DyMUEncoder(nn.Module):
     -2): only the blocks up to it run. ``drop_cls`` removes the prefix tokens (class token,
     registers) from the output: LLaVA's 'patch' features. With ``fixed_r`` every image merges
     exactly ``r[l]`` tokens in block ``l`` (ToMe mode) and no thresholds are needed.
-    ``attention`` says how images of different lengths attend (:mod:`dymu.attention`:
+    ``attention`` says how images of different lengths attend (:mod:`dymu.engine.attention`:
     ``auto``, ``loop``, ``nested``, ``flex``); every way gives the same result.
     """
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__
-from .adapters.base import Inputs
-from .encoder import DyMUEncoder, EncoderOutput
-from .schedule import make_schedule
-from .thresholds import Thresholds
+from .. import __version__
+from ..encoder.model import DyMUEncoder, EncoderOutput
+from ..engine.schedule import make_schedule
+from ..thresholds import Thresholds
+from ..towers.base import Inputs
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 

@@ -1,7 +1,7 @@
 """Token merging patched into ViT classifiers and towers: fixed ``r`` (ToMe) or DyMU thresholds.
 
 :func:`apply_tome` patches the blocks of a model's vision tower *on the instance*: each block
-runs the step the encoder runs (:func:`dymu.blocks.run_block`: attention with ``log(size)``
+runs the step the encoder runs (:func:`dymu.engine.blocks.run_block`: attention with ``log(size)``
 bias, the merge, the MLP) and hands the library its tokens at merged length, so the model's
 own forward, heads, hooks and output dataclasses keep working. Pooling heads that need sizes
 get them. :func:`remove_tome` puts back exactly what was there, accelerate's
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapters.base import TowerAdapter
-from .blocks import Merging, Tokens, run_block, threshold_merging
-from .errors import DyMUError
-from .merge import Packing
-from .patching import call_prior, patch, unpatch
-from .schedule import ToMeR, tome_schedule
-from .thresholds import Thresholds, TowerIdentity
+from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
+from ..engine.merge import Packing
+from ..engine.schedule import ToMeR, tome_schedule
+from ..errors import DyMUError
+from ..patching import call_prior, patch, unpatch
+from ..thresholds import Thresholds, TowerIdentity
+from ..towers.base import TowerAdapter
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""Image sources for calibration: JSON lists, folders, webdataset shards (:mod:`dymu.shards`)
-and Hugging Face datasets (:mod:`dymu.hf_source`), streamed in order.
+"""Image sources for calibration: JSON lists, folders, webdataset shards
+(:mod:`dymu.sources.shards`) and Hugging Face datasets (:mod:`dymu.sources.hf`), streamed in
+order.
 
 Every source yields :class:`RawItem` s in a fixed order; item ``i`` belongs to global batch
 ``i // batch_size``. A bad item is reported in place (its batch just gets smaller), so skips
@@ -22,30 +23,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .defaults import DEFAULT_MAX_PIXELS
-from .errors import DyMUError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-
-@dataclass(frozen=True)
-class RawItem:
-    """One image before decoding: a file, or bytes from a shard (``key`` names it in reports)."""
-
-    key: str
-    path: Path | None = None
-    data: bytes | None = None
-    error: str | None = None  # known bad before decoding (e.g. a shard sample with no image)
-    span: tuple[int, int] | None = None  # (offset, size) of the bytes inside ``path`` (a tar)
-
-    def read(self) -> bytes:
-        """The encoded image bytes (read from the tar only now, by whoever decodes it)."""
-        if self.span is None:
-            return self.data or b""
-        offset, size = self.span
-        with open(self.path, "rb") as fh:
-            fh.seek(offset)
-            return fh.read(size)
+from ..defaults import DEFAULT_MAX_PIXELS
+from ..errors import DyMUError
+from .items import IMAGE_EXTENSIONS, RawItem
 
 
 class FileList:
@@ -106,7 +86,7 @@ def open_source(
     ``image_column`` names the image column of a dataset (default: found from its features).
     Sources of known length also have ``len()``.
     """
-    from .hf_source import open_table
+    from .hf import open_table
     from .shards import ShardSource, is_remote
 
     table = open_table(spec, image_root, image_column)

@@ -35,8 +35,8 @@ from urllib.parse import urlparse
 
 from torch.utils.data import get_worker_info
 
-from .data import IMAGE_EXTENSIONS, RawItem
-from .errors import DyMUError
+from ..errors import DyMUError
+from .items import IMAGE_EXTENSIONS, RawItem
 
 log = logging.getLogger(__name__)
 

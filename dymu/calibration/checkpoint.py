@@ -24,9 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from .calibrate import CalibrationState, TokenStats
-from .errors import DyMUError
-from .thresholds import atomic_save
+from ..errors import DyMUError
+from ..thresholds import atomic_save
+from .loop import CalibrationState, TokenStats
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import DyMUError
-from .quiet import transformers_bars, verbose
+from ..errors import DyMUError
+from ..quiet import transformers_bars, verbose
 
 log = logging.getLogger(__name__)
 

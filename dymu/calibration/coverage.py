@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DyMUError
-from .thresholds import Thresholds
+from ..errors import DyMUError
+from ..thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
