@@ -49,9 +49,10 @@ the LM as ``bench_vtu.count_flops`` counts it (projections, MLP, causal attentio
 for the last position): vanilla and no-VTU at the full length N everywhere, VTU with
 projections and MLP at M slots (text tokens plus kept visual tokens) and attention at N.
 Norms, softmax, the patch-to-slot bookkeeping and the decode steps are not counted.
-``pad bound`` is the same with every sequence at the batch's most kept tokens: the VTU
-language model runs a batch at its longest M (the tower packs its tokens, so only the
-projector and the LM pad). ``ratio`` = speedup / bound. The first-token logits cosine
+``pad bound`` is the same with every sequence at the batch's most kept tokens: what a batch
+would cost padded to its longest M (the VTU language model packs its slots across the batch
+and the tower its tokens, so only the small projector pads; the FLOP bound is the target).
+``ratio`` = speedup / bound. The first-token logits cosine
 (vanilla vs dymu) is printed for information: merged tokens change the logits.
 
 Run from the repository root::

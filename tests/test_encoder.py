@@ -131,14 +131,25 @@ def test_low_precision_runs_and_accounts(encoder, pixels, calibrated):
     assert out.tokens.dtype == torch.bfloat16 and out.sizes.dtype == torch.float32
     assert torch.allclose(out.sizes.sum(1), torch.full((len(pixels),), 65.0))
     assert torch.isfinite(out.tokens.float()).all()
-    # a bf16 tower compares bf16 scores with bf16 thresholds (as the reference does), so
-    # thresholds that round to the same bf16 value give the same tokens
-    rounded = calibrated.thresholds.to(torch.bfloat16).double()
-    for nudge in (1 + 2**-10, 1 - 2**-10):
-        enc.set_thresholds(Thresholds.from_values(rounded * nudge, calibrated.r))
-        with torch.no_grad():
-            again = enc(pixels)
-        assert torch.equal(again.lengths, out.lengths) and torch.equal(again.tokens, out.tokens)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_an_images_tokens_do_not_depend_on_its_batch_in_any_precision(pixels, calibrated, dtype):
+    """Decisions compare float32 scores with float32 thresholds, so a half-precision tower
+    gives each photo the same groups alone, in batches of 3 and in a batch of all 11."""
+    enc = dymu.build_encoder(f"{NAME}-24out", dtype=dtype)
+    enc.set_thresholds(calibrated)
+    with torch.no_grad():
+        everything = enc(pixels.to(dtype))
+        threes = [enc(pixels[i : i + 3].to(dtype)) for i in range(0, len(pixels), 3)]
+        alone = [enc(pixels[i : i + 1].to(dtype)) for i in range(len(pixels))]
+    lengths = [int(o.lengths[0]) for o in alone]
+    assert everything.lengths.tolist() == lengths
+    assert torch.cat([t.lengths for t in threes]).tolist() == lengths
+    groups = torch.cat([o.groups for o in alone])
+    assert torch.equal(everything.groups, groups)
+    assert torch.equal(torch.cat([t.groups for t in threes]), groups)
+    assert len(set(lengths)) > 1  # merging happened, and differently per photo
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -104,10 +104,11 @@ def calibrated(photos):
 
 
 def lm_prefill_kwargs(model) -> dict:
-    """The keyword arguments of the language model's first call (the prefill)."""
+    """The keyword arguments of the language model's first call (the prefill), as the VLM
+    passed them (before VTU's own hook turns the mapping into its packed plan)."""
     seen: dict = {}
     model.model.language_model.register_forward_pre_hook(
-        lambda m, a, kw: None if seen else seen.update(kw), with_kwargs=True
+        lambda m, a, kw: None if seen else seen.update(kw), with_kwargs=True, prepend=True
     )
     return seen
 

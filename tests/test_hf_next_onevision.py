@@ -88,7 +88,8 @@ def capture_lm_inputs(model) -> dict:
         if not seen:
             seen.update(kwargs)
 
-    model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    # first, before VTU's own hook turns the mapping into its packed plan
+    model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     return seen
 
 

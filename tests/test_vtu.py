@@ -219,3 +219,50 @@ def test_an_attention_without_a_known_cache_argument_is_refused():
     with pytest.raises(DyMUError, match="KV cache"):
         apply_vtu(model)
     assert "forward" not in model.model.layers[1].self_attn.__dict__  # nothing half-patched
+
+
+def skewed_batch(gen: torch.Generator, n: int = 40):
+    """Three left-padded samples keeping 37, 8 and 23 slots of 40 positions."""
+    mapping = torch.stack(
+        [
+            random_mapping(gen, n, 2, 36, 33),  # nearly nothing merged
+            random_mapping(gen, n, 2, 36, 4),  # nearly everything merged
+            random_mapping(gen, n, 2, 36, 19),
+        ]
+    )
+    mask = torch.ones(3, n, dtype=torch.long)
+    mask[1, :5] = 0
+    mask[2, :2] = 0
+    return mapping, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_skewed_left_padded_batch_equals_naive(family):
+    """Samples with very different slot counts, left padded: each sample equals the naive
+    full-length computation, whatever the others keep."""
+    model = build(family)
+    mapping, mask = skewed_batch(torch.Generator().manual_seed(5))
+    slots = torch.randn(3, int(mapping.max()) + 1, 32)
+    embeds = torch.stack([slots[b][mapping[b]] for b in range(3)])
+    with torch.no_grad():
+        expected = naive_logits(model.model, model.lm_head, embeds, mapping, mask)
+        apply_vtu(model)
+        got = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
+    valid = mask.bool()
+    assert torch.allclose(got[valid], expected[valid], atol=1e-5)
+
+
+def test_norms_and_mlps_see_the_packed_slots_only():
+    """Norms, projections and MLPs run on sum(M_i) rows, not on B x max(M_i)."""
+    model = build("llama")
+    mapping, mask = skewed_batch(torch.Generator().manual_seed(6))
+    kept = [len(set(row.tolist())) for row in mapping]
+    rows = []
+    model.model.layers[1].mlp.register_forward_hook(
+        lambda m, a, out: rows.append(a[0].reshape(-1, a[0].shape[-1]).shape[0])
+    )
+    apply_vtu(model)
+    with torch.no_grad():
+        model(inputs_embeds=torch.randn(3, 40, 32), attention_mask=mask, vtu_mapping=mapping)
+    assert kept == [37, 8, 23]
+    assert rows == [sum(kept)]  # 68 rows, where padding to the longest would give 3 x 37

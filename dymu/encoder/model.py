@@ -146,10 +146,9 @@ class DyMUEncoder(nn.Module):
             return self._run(inputs, [Merging(fixed_r=v) if v > 0 else None for v in r])
         if self.thresholds is None:
             raise MissingThresholds(self.name)
-        precision = next(self.tower.parameters()).dtype  # scores are rounded to it, so is tau
         # towers without prefix tokens reorder every image at every merging block, merges or
         # not (the reference's batch path, which the published OneVision results ran)
-        merging = threshold_merging(self.thresholds, r, precision, self.num_prefix == 0)
+        merging = threshold_merging(self.thresholds, r, self.num_prefix == 0)
         return self._run(inputs, merging)
 
     def calibrate(

@@ -100,8 +100,7 @@ def apply_tome(
     if thresholds is not None:
         thresholds = _load(thresholds, tower, instance_name(tower.module))
         schedule = [int(v) for v in thresholds.r.tolist()]
-        precision = next(tower.parameters()).dtype
-        plan = threshold_merging(thresholds, schedule, precision, tower.num_prefix_tokens == 0)
+        plan = threshold_merging(thresholds, schedule, tower.num_prefix_tokens == 0)
     else:
         schedule = tome_schedule(r, tower.num_blocks)
         plan = [Merging(fixed_r=v) if v > 0 else None for v in schedule]

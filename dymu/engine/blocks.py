@@ -96,14 +96,14 @@ def _merge(tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int) 
 
 
 def threshold_merging(
-    thresholds: Thresholds, r: Sequence[int], precision: torch.dtype, reorder_all: bool
+    thresholds: Thresholds, r: Sequence[int], reorder_all: bool
 ) -> list[Merging | None]:
     """Per block, the inference rule of ``thresholds`` (``None`` where the block never
-    merges). Thresholds are rounded to the tower's precision, as its scores are."""
+    merges). Scores and thresholds are compared in float32 whatever the tower's precision."""
     out: list[Merging | None] = []
     for r_l, tau in zip(r, thresholds.merging_blocks(), strict=False):
         if r_l > 0 and tau is not None:
-            tau = float(torch.tensor(tau).to(precision))
+            tau = float(torch.tensor(tau, dtype=torch.float32))
             rule = lambda m, lengths, n, tau=tau: threshold_rule(m, tau)  # noqa: E731
             out.append(Merging(rule, reorder_all))
         else:

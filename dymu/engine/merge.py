@@ -30,11 +30,12 @@ def bipartite_scores(
     falls in A is never a source (its score is -inf), one that falls in B is never a
     destination (its column is -inf). Padding never matches either.
     Returns ``node_max (B, ceil(N/2))`` float32 and ``node_idx`` (index into the B tokens).
-    Scores are computed in float32 and rounded to ``metric``'s dtype, the precision the
-    reference compares in (an fp16 tower sees fp16 scores and fp16 thresholds).
+    Scores are computed and compared in float32, also for half-precision towers: rounded to
+    fp16/bf16 many scores would tie with a threshold (ties never merge), so a key's last-bit
+    difference between batch sizes would flip a merge and an image's tokens would depend on
+    its batch. (The published reference rounds to the tower's precision.)
     """
     n = metric.shape[1]
-    precision = metric.dtype
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(1, 2)
     dev = metric.device
@@ -43,7 +44,6 @@ def bipartite_scores(
     valid_b = (pos_b[None, :] < lengths[:, None]) & (pos_b[None, :] >= num_prefix)
     scores = scores.masked_fill(~valid_b[:, None, :], NEG_INF)
     node_max, node_idx = scores.max(dim=-1)
-    node_max = node_max.to(precision).float()
     valid_a = (pos_a[None, :] < lengths[:, None]) & (pos_a[None, :] >= num_prefix)
     return node_max.masked_fill(~valid_a, NEG_INF), node_idx
 
@@ -94,21 +94,42 @@ class Packing:
     """Where each image's tokens sit in a packed ``(T, D)`` tensor (``T = sum(lengths)``).
 
     Per-token work (norms, projections, MLPs, merging) runs on the packed tensor, so no
-    image pays for another's length; only scoring uses a small padded view.
+    image pays for another's length; only scoring uses a small padded view. The index
+    tensors (``batch``, ``pos``, ``offsets``) are made on the host from the host lengths and
+    copied to the device in one non-blocking copy: no sync. A batch of one length (fixed r,
+    nothing merged yet) needs none of them: packing is a reshape there.
     """
 
     lengths: tuple[int, ...]
-    batch: torch.Tensor  # (T,) image of every packed token
-    pos: torch.Tensor  # (T,) position of every packed token within its image
-    offsets: torch.Tensor  # (B,) first packed index of every image
+    index: torch.Tensor | None  # batch, pos and offsets, concatenated (None when uniform)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device) -> Packing:
-        counts = torch.tensor(lengths, device=device)
-        batch = torch.repeat_interleave(torch.arange(len(lengths), device=device), counts)
-        offsets = counts.cumsum(0) - counts
-        pos = torch.arange(batch.numel(), device=device) - offsets[batch]
-        return cls(tuple(lengths), batch, pos, offsets)
+        lengths = tuple(lengths)
+        uniform = len(set(lengths)) == 1
+        return cls(lengths, None if uniform else _packing_index(lengths, torch.device(device)))
+
+    def _part(self, which: int) -> torch.Tensor:
+        index = self.index
+        if index is None:  # uniform: only the flex way asks, made on the spot
+            index = _packing_index(self.lengths, torch.device("cpu"))
+        total = sum(self.lengths)
+        return index[(0, total, 2 * total)[which] :][: (total, total, len(self.lengths))[which]]
+
+    @property
+    def batch(self) -> torch.Tensor:
+        """``(T,)`` image of every packed token."""
+        return self._part(0)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """``(T,)`` position of every packed token within its image."""
+        return self._part(1)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``(B,)`` first packed index of every image."""
+        return self._part(2)
 
     @property
     def width(self) -> int:
@@ -135,6 +156,20 @@ class Packing:
         return padded[self.batch, self.pos]
 
 
+def _packing_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``batch``, ``pos`` and ``offsets`` of a packing, built on the host (no device op can
+    need a sync) and copied to ``device`` from pinned memory without blocking."""
+    counts = torch.tensor(lengths)
+    total = sum(lengths)
+    batch = torch.arange(len(lengths)).repeat_interleave(counts, output_size=total)
+    offsets = counts.cumsum(0) - counts
+    pos = torch.arange(total) - offsets[batch]
+    host = torch.cat([batch, pos, offsets])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """Where every current slot goes: ``dest (B, N)`` local slots (``length`` on padding)."""
@@ -156,7 +191,11 @@ class MergePlan:
         ``x`` is ``(T, D)`` packed by ``before``; ``sizes`` ``(T,)`` float32 (``None``: all
         ones). Returns ``(T', D)`` packed by ``after`` and the new sizes ``(T',)``.
         """
-        target = after.offsets[before.batch] + self.dest[before.batch, before.pos]
+        if before.uniform and after.uniform:  # fixed r: every image at one length, before and after
+            base = torch.arange(len(before.lengths), device=x.device) * after.lengths[0]
+            target = (base[:, None] + self.dest).reshape(-1)
+        else:
+            target = after.offsets[before.batch] + self.dest[before.batch, before.pos]
         if sizes is None:
             sizes = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
         total = sum(after.lengths)

@@ -1,0 +1,58 @@
+"""The slots of a VTU prefill, packed across the batch.
+
+A VTU mapping ``(B, N)`` gives every full position its merged slot within its sample. The
+language model runs its norms, projections and MLPs on the batch's slots packed together:
+``S = sum(M_i)`` rows, never ``B x max(M_i)``, so a sample that keeps many slots costs the
+others nothing. :class:`SlotPlan` is computed once per forward, before the first layer: the
+packed row of every full position and how many positions share each row. Every attention
+then gathers rows to full positions with one index and averages back with one scatter-add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """A prefill's mapping, packed: ``rows (B*N,)`` is the packed row of every full position
+    (sample ``b``'s slot ``m`` sits at ``offset_b + m``), ``counts (S, 1)`` how many
+    positions share each row (at least 1), ``total`` is ``S``."""
+
+    mapping: torch.Tensor
+    rows: torch.Tensor
+    counts: torch.Tensor
+    total: int
+
+    @classmethod
+    def build(cls, mapping: torch.Tensor) -> SlotPlan:
+        """Step by step: sample ``b`` has ``M_b = max(mapping[b]) + 1`` slots; its slots start
+        at ``offset_b = M_0 + ... + M_{b-1}``; position ``(b, n)`` reads row
+        ``offset_b + mapping[b, n]``. ``S`` is read to the host once (to size the rows)."""
+        slots = mapping.amax(dim=1) + 1
+        offsets = slots.cumsum(0) - slots
+        rows = (mapping + offsets[:, None]).reshape(-1)
+        total = int(slots.sum())
+        ones = torch.ones(rows.shape[0], device=rows.device, dtype=torch.float32)
+        counts = torch.zeros(total, device=rows.device, dtype=torch.float32)
+        counts = counts.index_add_(0, rows, ones).clamp_(min=1)[:, None]
+        return cls(mapping, rows, counts, total)
+
+    @property
+    def shape(self) -> torch.Size:
+        """The full ``(B, N)``, as the mapping's."""
+        return self.mapping.shape
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C)`` at full positions -> ``(S, C)``: the mean of each slot's positions,
+        accumulated in float32."""
+        flat = x.reshape(-1, x.shape[-1])
+        acc = torch.zeros(self.total, flat.shape[1], device=x.device, dtype=torch.float32)
+        acc.index_add_(0, self.rows, flat.float())
+        return (acc / self.counts).to(x.dtype)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``(S, ...)`` -> ``(B, N, ...)``: every full position gets its slot's row."""
+        return packed.index_select(0, self.rows).view(*self.shape, *packed.shape[1:])

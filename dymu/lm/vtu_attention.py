@@ -1,0 +1,150 @@
+"""The attention of virtual token unmerging, and how it meets transformers' attention seams.
+
+:func:`vtu_attention_forward` replaces a decoder attention's ``forward`` on the instance
+(see :mod:`dymu.lm.vtu`). It follows the family's own pieces: its ``apply_rotary_pos_emb``,
+the attention kernel transformers' dispatch picks (``ALL_ATTENTION_FUNCTIONS``), the KV cache
+under the argument name the installed version passes. It mirrors the forward of
+``LlamaAttention`` in transformers 5.18-5.24 (Mistral and Qwen2 share it; ``q_norm``/
+``k_norm`` where a family has them).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+from torch import nn
+
+from ..errors import DyMUError
+from ..patching import call_prior
+from .slots import SlotPlan
+
+CACHE_ARG = "_dymu_vtu_cache_argument"
+# The attention's KV-cache argument: ``cache`` since transformers 5.2x, ``past_key_values``
+# in 5.0-5.1x (the model calls its attention with its own name), ``past_key_value`` before.
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
+
+
+def check_attention(attn: nn.Module) -> None:
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config", "layer_idx")
+    module = sys.modules[type(attn).__module__]
+    if any(not hasattr(attn, n) for n in needed) or not hasattr(module, "apply_rotary_pos_emb"):
+        raise DyMUError(
+            f"VTU supports rotary attention with q/k/v/o projections (Llama, Mistral, Qwen2); "
+            f"{type(attn).__name__} is not one"
+        )
+    cache_argument(attn)
+
+
+def cache_argument(attn: nn.Module) -> str:
+    """The name under which this transformers version passes the KV cache to ``attn``.
+
+    VTU must write the prefill's full-length keys/values into the cache; an attention whose
+    cache argument it does not know is refused rather than run with the cache dropped.
+    """
+    params = inspect.signature(type(attn).forward).parameters
+    names = [n for n in CACHE_ARGUMENTS if n in params]
+    if not names:
+        raise DyMUError(
+            f"VTU does not know how {type(attn).__name__}.forward takes its KV cache (none of "
+            f"{', '.join(CACHE_ARGUMENTS)} in its signature); this transformers version is not "
+            "supported by VTU"
+        )
+    return names[0]
+
+
+def _pop_cache(attn: nn.Module, kwargs: dict):
+    """Remove the KV cache from ``kwargs`` under any of its names; the one that is set."""
+    found = [kwargs.pop(n) for n in CACHE_ARGUMENTS if n in kwargs]
+    found = [c for c in found if c is not None]
+    if len(found) > 1:
+        raise DyMUError(f"{type(attn).__name__} was given its KV cache under two names")
+    return found[0] if found else None
+
+
+def _update_cache(attn: nn.Module, cache, key, value, cos_sin: tuple, kwargs: dict):
+    """Write full-length keys/values into the cache as the replaced forward would.
+
+    Mirrors transformers 5.2x (``cache.update(k, v, layer_idx, kwargs=kwargs)``) and 5.0/5.1
+    (``past_key_values.update(k, v, layer_idx, {sin, cos, cache_position})``).
+    """
+    if attn.__dict__.get(CACHE_ARG) == "cache":
+        return cache.update(key, value, attn.layer_idx, kwargs=kwargs)
+    cos, sin = cos_sin
+    extra = {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")}
+    return cache.update(key, value, attn.layer_idx, extra)
+
+
+def _attention_function(attn: nn.Module, family, registry):
+    """The attention kernel the family's forward would use (``get_interface`` where the
+    installed transformers has it, else its 5.0 rule: eager, or the registry's entry)."""
+    impl = attn.config._attn_implementation
+    if hasattr(registry, "get_interface"):
+        return registry.get_interface(impl, family.eager_attention_forward)
+    return family.eager_attention_forward if impl == "eager" else registry[impl]
+
+
+def vtu_attention_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    vtu_mapping: SlotPlan | torch.Tensor | None = None,
+    **kwargs,
+):
+    """The attention with virtual unmerging; other calls go to the forward it replaced.
+
+    ``hidden_states`` are the batch's packed slots ``(1, S, C)`` and ``vtu_mapping`` the
+    forward's :class:`SlotPlan`: project the slots, gather q/k/v to the ``(B, N)`` full
+    positions, RoPE, cache and attention there, then average the output back per slot.
+
+    The KV cache arrives under the name this transformers version uses (``cache`` or
+    ``past_key_values``) and is passed on under the name the replaced forward takes.
+    """
+    cos, sin = position_embeddings
+    cache = _pop_cache(self, kwargs)
+    if not isinstance(vtu_mapping, SlotPlan) or vtu_mapping.shape[1] != cos.shape[-2]:
+        if cache is not None:
+            kwargs[self.__dict__.get(CACHE_ARG, "cache")] = cache
+        return call_prior(
+            self,
+            "forward",
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            **kwargs,
+        )
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    family = sys.modules[type(self).__module__]
+    plan = vtu_mapping
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (S, C)
+
+    def project(linear: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
+        x = linear(rows).view(plan.total, -1, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return plan.unpack(x).transpose(1, 2)  # (B, heads, N, head_dim)
+
+    query = project(self.q_proj, getattr(self, "q_norm", None))
+    key = project(self.k_proj, getattr(self, "k_norm", None))
+    value = project(self.v_proj)
+    query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = _update_cache(self, cache, key, value, (cos, sin), kwargs)
+    interface = _attention_function(self, family, ALL_ATTENTION_FUNCTIONS)
+    extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
+    out, weights = interface(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **extra,
+        **kwargs,
+    )
+    out = plan.pack(out.reshape(*plan.shape, -1))  # (S, heads * head_dim)
+    return self.o_proj(out).view(hidden_states.shape), weights

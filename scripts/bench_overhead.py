@@ -1,0 +1,309 @@
+"""Count kernel-launching ATen ops and blocking host syncs per forward, vanilla beside dymu.
+
+A GPU at these sizes is bound by launches and syncs, not FLOPs (issue 19), so this
+counts both on the CPU, where a GPU would see the same numbers: the ops a forward dispatches do
+not depend on the device, and the reads and uploads counted here are those that would block a
+GPU's host (with ``--device cuda`` they are counted on the device itself).
+
+Two parts, built from configs with random (seeded) weights, nothing downloaded:
+
+* **encoder**: the open_clip tower ``ViT-B-16`` (``--quick``: a tiny 4-block tower at 64 px),
+  thresholds calibrated on the bundled photos (``examples/images.json``) for the name's budget
+  (``-tome-100out``), at each ``--batch-sizes``. Rows: ``vanilla`` (the tower's own forward,
+  ``enc.tower.module(pixels)``), ``dymu`` (threshold merging), ``fixed-r`` (ToMe: the same
+  schedule, every image merging exactly ``r`` per block) and ``no-merge`` (dymu's block loop
+  with ``r_total=0``). Batch 1 uses the photo whose kept token count is the median; larger
+  batches take the photos in order, cycled.
+* **vlm**: one prefill ``model(**inputs, use_cache=True, logits_to_keep=1)`` of
+  ``bench_vlm``'s LLaVA-1.5-shaped model (``--small`` shape; ``--quick``: its ``quick`` shape),
+  ``vanilla`` beside ``dymu+VTU`` (``hf_llava.apply(model, thresholds, vtu=True)``) and
+  ``dymu no-VTU`` (``vtu=False``), thresholds as ``bench_vlm`` calibrates them.
+
+Every variant runs one uncounted forward first (lazy set-up), then one counted forward, under
+``torch.inference_mode``; what counts as an op, a host read and an upload is said in
+``scripts/support/op_counter.py``.
+
+Budgets (``syncs`` = reads + uploads): issue 19, encoder: ops at most 3.0x vanilla at every
+batch size; syncs at most 1 per forward for threshold merging, 0 for fixed-r and no-merge.
+Issue 20, VLM prefill (``dymu+VTU``, stated for the ``--small`` shape): ops at most 1.8x
+vanilla, at most 8 syncs. The table is followed by where the syncs happen
+(``file:line x count``, the innermost frame outside torch) and, with ``--top N``, the ops dymu
+adds most.
+
+Run from the repository root::
+
+    python scripts/bench_overhead.py                      # ViT-B-16, --small VLM, batch 1 and 8
+    python scripts/bench_overhead.py --quick              # tiny shapes: what CI runs
+    python scripts/bench_overhead.py --top 15 --json overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+
+from bench_encoder import DTYPES  # noqa: E402
+
+import dymu  # noqa: E402
+from dymu.sources.stream import load_rgb, open_source  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+from support.op_counter import Count, count_forward  # noqa: E402
+
+ENCODER = {False: "ViT-B-16-tome-100out", True: "ViT-T-8-overhead-tome-16out"}
+QUICK_TOWER = {  # an open_clip config: 64 px, 8 px patches (64 patches), 4 blocks of width 64
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 64, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
+}
+ENCODER_OPS_BUDGET = 3.0
+ENCODER_SYNCS_BUDGET = {"dymu": 1, "fixed-r": 0, "no-merge": 0}
+VLM_OPS_BUDGET = 1.8
+VLM_SYNCS_BUDGET = 8
+BUDGETED_VLM = "dymu+VTU"
+
+
+@dataclass
+class Row:
+    part: str  # 'encoder' or 'vlm'
+    model: str
+    variant: str
+    batch: int
+    ops: int
+    host_reads: int
+    uploads: int
+    vanilla_ops: int
+    ops_budget: float | None = None  # most ops / vanilla ops
+    syncs_budget: int | None = None  # most host reads + uploads per forward
+    sites: dict[str, int] = field(default_factory=dict)
+    ops_by_name: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return self.ops / self.vanilla_ops
+
+    @property
+    def ops_ok(self) -> bool | None:
+        return None if self.ops_budget is None else self.ratio <= self.ops_budget
+
+    @property
+    def syncs(self) -> int:
+        return self.host_reads + self.uploads
+
+    @property
+    def syncs_ok(self) -> bool | None:
+        return None if self.syncs_budget is None else self.syncs <= self.syncs_budget
+
+
+def make_row(part: str, model: str, variant: str, batch: int, count: Count, vanilla: int,
+             ops_budget: float | None, syncs_budget: int | None) -> Row:  # fmt: skip
+    return Row(part, model, variant, batch, count.ops, count.host_reads, count.uploads, vanilla,
+               ops_budget, syncs_budget, dict(count.sites), dict(count.ops_by_name))  # fmt: skip
+
+
+@contextmanager
+def quick_tower() -> Iterator[None]:
+    """``QUICK_TOWER`` registered with open_clip as ``ViT-T-8-overhead`` meanwhile."""
+    import open_clip
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "ViT-T-8-overhead.json"
+        path.write_text(json.dumps(QUICK_TOWER))
+        open_clip.add_model_config(path)
+        yield
+
+
+def median_index(lengths: torch.Tensor) -> int:
+    """The index of the median of ``lengths`` (the lower one for an even count)."""
+    return int(lengths.argsort()[(len(lengths) - 1) // 2])
+
+
+def pick(items: list, bsz: int, median: int) -> list:
+    """Batch 1: the median item; larger batches: the items in order, cycled."""
+    return [items[median]] if bsz == 1 else [items[i % len(items)] for i in range(bsz)]
+
+
+def encoder_rows(args: argparse.Namespace) -> list[Row]:
+    """Vanilla tower, threshold merging, fixed-r and no-merge at every batch size."""
+    name = ENCODER[args.quick]
+    dtype = DTYPES[args.dtype]
+    enc = dymu.build_encoder(name, pretrained=None, device=args.device, dtype=dtype)
+    photos = list(open_source(str(args.data)).paths)
+    pixels = torch.stack([enc.preprocess(load_rgb(p)) for p in photos]).to(args.device, dtype)
+    with torch.inference_mode():
+        enc.set_thresholds(dymu.find_thresholds(enc, list(pixels.split(4))))
+        kept = torch.cat([enc(p[None]).lengths for p in pixels]).cpu()
+    variants = {
+        "dymu": enc,
+        "fixed-r": dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval(),
+        "no-merge": dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval(),
+    }
+    rows = []
+    for bsz in args.batch_sizes:
+        batch = pixels[pick(list(range(len(pixels))), bsz, median_index(kept))]
+        vanilla = count_forward(lambda batch=batch: enc.tower.module(batch), enc.tower, batch)
+        rows.append(make_row("encoder", name, "vanilla", bsz, vanilla, vanilla.ops, None, None))
+        for variant, model in variants.items():
+            count = count_forward(lambda model=model, batch=batch: model(batch), model, batch)
+            syncs = ENCODER_SYNCS_BUDGET[variant]
+            rows.append(make_row("encoder", name, variant, bsz, count, vanilla.ops,
+                                 ENCODER_OPS_BUDGET, syncs))  # fmt: skip
+    return rows
+
+
+def prefill(model: torch.nn.Module, inputs: dict) -> Callable[[], object]:
+    """What ``generate()`` runs before its first token."""
+    return lambda: model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def vlm_rows(args: argparse.Namespace) -> list[Row]:
+    """One prefill of vanilla, dymu+VTU and dymu no-VTU at every batch size."""
+    import bench_vlm  # transformers is imported only when this part runs
+
+    from dymu.integrations import hf_llava
+
+    shape = "quick" if args.quick else "small"
+    image = bench_vlm.SHAPES[shape]["image"]
+    settings = SimpleNamespace(shape=shape, device=args.device, dtype=DTYPES[args.dtype], seed=0)
+    processor = bench_vlm.build_processor(image)
+    model = bench_vlm.build_model(settings, processor.image_token_id)
+    photos = [load_rgb(p) for p in open_source(str(args.data)).paths]
+    pixels = processor.image_processor(photos, return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(args.device, settings.dtype)
+    keep = 16 if args.quick else 89  # bench_vlm's defaults
+    with torch.inference_mode():
+        thresholds = bench_vlm.calibrate(model, pixels, keep)
+        kept = hf_llava.build_encoder(model, thresholds)(pixels).lengths.cpu()
+    models = {"vanilla": model}
+    for variant, vtu in (("dymu+VTU", True), ("dymu no-VTU", False)):
+        models[variant] = hf_llava.apply(bench_vlm.shared_copy(model), thresholds, vtu=vtu)
+    label = f"llava-{shape}"
+    rows = []
+    for bsz in args.batch_sizes:
+        images = pick(photos, bsz, median_index(kept))
+        text = [bench_vlm.PROMPT] * bsz
+        inputs = processor(images=images, text=text, return_tensors="pt").to(args.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(settings.dtype)
+        roots = list(inputs.values())
+        counts = {v: count_forward(prefill(m, inputs), m, *roots) for v, m in models.items()}
+        base = counts["vanilla"].ops
+        for variant, count in counts.items():
+            budgeted = variant == BUDGETED_VLM
+            rows.append(
+                make_row("vlm", label, variant, bsz, count, base,
+                         VLM_OPS_BUDGET if budgeted else None,
+                         VLM_SYNCS_BUDGET if budgeted else None)
+            )  # fmt: skip
+    return rows
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else "within" if ok else "OVER"
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'part':<7} {'model':<27} {'variant':<11} {'batch':>5} {'ops':>6} {'x vanilla':>9} "
+        f"{'budget':>6} {'ops':>6} {'reads':>5} {'uploads':>7} {'budget':>6} {'syncs':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        budget = "-" if r.ops_budget is None else f"{r.ops_budget:.1f}x"
+        syncs = "-" if r.syncs_budget is None else str(r.syncs_budget)
+        print(
+            f"{r.part:<7} {r.model:<27} {r.variant:<11} {r.batch:>5} {r.ops:>6} "
+            f"{r.ratio:>8.2f}x {budget:>6} {verdict(r.ops_ok):>6} {r.host_reads:>5} "
+            f"{r.uploads:>7} {syncs:>6} {verdict(r.syncs_ok):>6}"
+        )
+
+
+def print_sites(rows: list[Row]) -> None:
+    """Where the host reads and uploads of each variant happen (at its largest batch)."""
+    last: dict[tuple[str, str], Row] = {}
+    for r in rows:
+        if r.syncs:
+            last[r.part, r.variant] = r
+    if last:
+        print("\nhost reads and uploads by site (largest batch):")
+    for (part, variant), r in last.items():
+        sites = ", ".join(f"{s} x{n}" for s, n in sorted(r.sites.items(), key=lambda s: -s[1]))
+        print(f"  {part} {variant} b{r.batch}: {sites}")
+
+
+def print_top(rows: list[Row], top: int) -> None:
+    """The ``top`` ops whose count grows most over vanilla's, per dymu variant (first batch)."""
+    if not top:
+        return
+    vanilla = {(r.part, r.batch): r.ops_by_name for r in rows if r.variant == "vanilla"}
+    first = min(r.batch for r in rows)
+    print(f"\nops added over vanilla, batch {first} (op: dymu - vanilla):")
+    for r in rows:
+        if r.variant == "vanilla" or r.batch != first:
+            continue
+        base = vanilla[r.part, r.batch]
+        extra = {op: n - base.get(op, 0) for op, n in r.ops_by_name.items()}
+        shown = sorted(extra.items(), key=lambda kv: -kv[1])[:top]
+        print(f"  {r.part} {r.variant}: " + ", ".join(f"{op} {n:+d}" for op, n in shown))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp16 on cuda, else fp32")
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 8")
+    p.add_argument("--parts", nargs="+", choices=["encoder", "vlm"], default=["encoder", "vlm"])
+    p.add_argument("--quick", action="store_true", help="tiny shapes, batch 1 and 2 (CI)")
+    p.add_argument("--top", type=int, default=0, help="list the N ops dymu adds most")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--data", type=Path, default=ROOT / "examples" / "images.json")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here")
+    args = p.parse_args()
+    args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    args.batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 8])
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    rows = []
+    with quick_tower():
+        if "encoder" in args.parts:
+            rows += encoder_rows(args)
+        if "vlm" in args.parts:
+            rows += vlm_rows(args)
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"torch {torch.__version__}, {device}, {args.dtype}; per forward (VLM: one prefill)")
+    print_table(rows)
+    print(
+        f"\nsyncs = host reads + uploads. budgets: encoder ops {ENCODER_OPS_BUDGET}x vanilla, "
+        f"syncs {ENCODER_SYNCS_BUDGET} (issue 19); VLM {BUDGETED_VLM} ops {VLM_OPS_BUDGET}x, "
+        f"{VLM_SYNCS_BUDGET} syncs (issue 20, stated for --small)"
+    )
+    print_sites(rows)
+    print_top(rows, args.top)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1))
+        print(f"rows written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
