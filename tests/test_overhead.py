@@ -136,3 +136,22 @@ def test_host_known_shapes_compile_into_one_graph(pixels, how):
     assert torch.equal(compiled.tokens, eager.tokens)
     assert torch.equal(compiled.lengths, eager.lengths)
     assert torch.equal(compiled.groups, eager.groups)
+
+
+def test_a_vtu_prefill_reads_the_host_once_beyond_the_plain_model():
+    """VTU's mapping work is made once per forward (the packed slot count is its one host
+    read); the layers add no read and no upload, at any batch size."""
+    from conftest import TINY_LM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(**TINY_LM)).eval()
+    embeds = torch.randn(3, 24, TINY_LM["hidden_size"])
+    mapping = torch.stack([torch.arange(24) * k // 24 for k in (20, 5, 12)])
+    plain = overhead.count_forward(lambda: lm(inputs_embeds=embeds), lm, embeds)
+    dymu.apply_vtu(lm)
+    vtu = overhead.count_forward(
+        lambda: lm(inputs_embeds=embeds, vtu_mapping=mapping), lm, embeds, mapping
+    )
+    assert vtu.uploads == plain.uploads == 0, vtu.sites
+    assert vtu.host_reads - plain.host_reads == 1, (vtu.sites, plain.sites)
