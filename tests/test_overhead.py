@@ -155,3 +155,22 @@ def test_a_vtu_prefill_reads_the_host_once_beyond_the_plain_model():
     )
     assert vtu.uploads == plain.uploads == 0, vtu.sites
     assert vtu.host_reads - plain.host_reads == 1, (vtu.sites, plain.sites)
+
+
+def test_vtu_adds_three_host_reads_to_a_llava_prefill(photos):
+    """hf_llava's mapping work reads the host three times per prefill (the merged token
+    count, the image-token count it checks, the packed slot count), whatever the batch."""
+    from test_hf_llava import build, never_merge, pixels, prompts
+
+    from dymu.integrations import hf_llava
+
+    x, ids = pixels(photos[:3]), prompts(3)
+
+    def prefill_reads(vtu: bool) -> int:
+        model = build()
+        hf_llava.apply(model, never_merge(model), vtu=vtu)
+        count = overhead.count_forward(lambda: model(input_ids=ids, pixel_values=x), model, x, ids)
+        assert count.uploads == 0, count.sites
+        return count.host_reads
+
+    assert prefill_reads(True) - prefill_reads(False) == 3

@@ -198,8 +198,10 @@ def _encode(vlm: nn.Module, kwargs: dict) -> dict:
         consumed.update(call)
         outputs[modality], out = _run_vision(vlm, state.encoder, method, call)
         if state.vtu:
-            traced, _ = _run_vision(vlm, state.encoder, method, call, trace=(out, first_key))
-            first_key += int(out.lengths.sum())
+            num_keys = first_key + int(out.lengths.sum())  # keys of this and earlier calls
+            trace = (out, first_key, num_keys)
+            traced, _ = _run_vision(vlm, state.encoder, method, call, trace=trace)
+            first_key = num_keys
             found = read_markers(_sequence_rows(traced.pooler_output), first_key)
             mask = input_ids == getattr(vlm.config, token)
             placed = place_keys(mask, found, modality)
@@ -208,7 +210,7 @@ def _encode(vlm: nn.Module, kwargs: dict) -> dict:
         kwargs.pop(name, None)
     kwargs["mm_encoder_outputs"] = outputs
     if keys is not None:
-        kwargs["vtu_mapping"] = slot_mapping(keys)
+        kwargs["vtu_mapping"] = slot_mapping(keys, num_keys=first_key)
     return kwargs
 
 
@@ -217,13 +219,13 @@ def _run_vision(
     encoder: DyMUEncoder,
     method: str,
     call: dict,
-    trace: tuple[EncoderOutput, int] | None = None,
+    trace: tuple[EncoderOutput, int, int] | None = None,
 ):
     """Run the model's own ``get_image_features`` / ``get_video_features`` with DyMU in it.
 
     For the length of the call the tower is stood in for by the DyMU encoder (which sees
     exactly the crops or frames the tower would) and the projector's output by the projected
-    merged tokens expanded over their groups. With ``trace=(encoded, first_key)`` the
+    merged tokens expanded over their groups. With ``trace=(encoded, first_key, num_keys)`` the
     projector's output is marker rows instead and nothing is encoded. Returns the method's
     output and the encoder output.
     """
@@ -253,7 +255,7 @@ def _run_vision(
             )
         if trace is not None:
             width = vlm.config.text_config.hidden_size
-            return marker_rows(out.groups, out.lengths, width, first_key=trace[1])
+            return marker_rows(out.groups, out.lengths, width, *trace[1:])
         return expand_groups(project(out.tokens), out.groups)
 
     with temporarily(vlm.vision_tower, "forward", tower_forward):

@@ -37,19 +37,25 @@ def num_digits(num_keys: int) -> int:
 
 
 def marker_rows(
-    groups: torch.Tensor, lengths: torch.Tensor, dim: int, first_key: int = 0
+    groups: torch.Tensor,
+    lengths: torch.Tensor,
+    dim: int,
+    first_key: int = 0,
+    num_keys: int | None = None,
 ) -> torch.Tensor:
     """``(C, P, dim)`` float32 rows standing in for the features of ``C`` crops or frames.
 
     ``groups (C, P)`` gives each patch's merged token within its crop (``-1``: none) and
     ``lengths (C,)`` the merged tokens per crop. Merged token ``g`` of crop ``c`` gets key
     ``first_key + sum(lengths[:c]) + g``: every merged token of the batch has its own key.
-    A patch without a token gets a row that reads as ``-1``.
+    A patch without a token gets a row that reads as ``-1``. ``num_keys`` is
+    ``first_key + sum(lengths)``, read from the device here unless the caller knows it.
     """
     crops, patches = groups.shape
     first = (lengths.cumsum(0) - lengths).to(groups.device) + first_key
     keys = first[:, None] + groups  # (C, P)
-    num_keys = first_key + int(lengths.sum())  # what read_markers is given: same digits
+    if num_keys is None:  # what read_markers is given: same digits
+        num_keys = first_key + int(lengths.sum())
     digits = num_digits(num_keys)
     if dim < 2 * digits + MIN_TAG_CHANNELS:
         raise DyMUError(
@@ -91,27 +97,38 @@ def place_keys(mask: torch.Tensor, keys: torch.Tensor, what: str = "image") -> t
         raise DyMUError(
             f"the prompts hold {found} {what} tokens but the {what}s give {keys.numel()} features"
         )
-    out = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
-    out[mask] = keys.to(mask.device)
-    return out
+    if found == 0:
+        return torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    # the i-th set position (row-major) takes keys[i]: its rank among set positions is the
+    # running count of the mask minus one (no boolean indexing, so no read of its size)
+    flat = mask.reshape(-1)
+    rank = (flat.long().cumsum(0) - 1).clamp(min=0)
+    placed = keys.to(mask.device).reshape(-1).long()[rank]
+    return torch.where(flat, placed, -1).view(mask.shape)
 
 
-def slot_mapping(keys: torch.Tensor) -> torch.Tensor:
+def slot_mapping(keys: torch.Tensor, num_keys: int | None = None) -> torch.Tensor:
     """The VTU mapping (``(B, N)``: position -> slot) from per-position keys.
 
     Positions with the same key ``>= 0`` share a slot; a position with key ``-1`` gets a slot
     of its own. Slots are numbered in order of first appearance, so with nothing merged the
-    mapping is ``arange(N)`` in every row.
+    mapping is ``arange(N)`` in every row. ``num_keys`` (keys are below it) is read from the
+    device unless given; nothing else reads the device.
     """
     bsz, n = keys.shape
     positions = torch.arange(n, device=keys.device).expand(bsz, n)
-    # first position holding each key, per row (keys offset per row so rows never collide)
-    num_keys = int(keys.max()) + 1 if keys.numel() else 0
-    flat = (keys + torch.arange(bsz, device=keys.device)[:, None] * num_keys).clamp(min=0)
-    first = torch.full((bsz * max(num_keys, 1),), n, device=keys.device, dtype=torch.long)
-    first.scatter_reduce_(0, flat[keys >= 0], positions[keys >= 0], reduce="amin")
+    if num_keys is None:
+        num_keys = int(keys.max()) + 1 if keys.numel() else 0
+    # first position holding each key, per row: keys are offset per row so rows never
+    # collide, and positions without a key go to one spare bucket at the end
+    keyed = (keys >= 0) & (keys < num_keys)
+    spare = bsz * num_keys
+    row_offset = torch.arange(bsz, device=keys.device)[:, None] * num_keys
+    flat = torch.where(keyed, keys + row_offset, spare)
+    first = torch.full((spare + 1,), n, device=keys.device, dtype=torch.long)
+    first.scatter_reduce_(0, flat.reshape(-1), positions.reshape(-1), reduce="amin")
     # each position's representative: itself, or the first position of its key
-    rep = torch.where(keys >= 0, first[flat], positions)
+    rep = torch.where(keyed, first[flat], positions)
     # representatives are the positions that are their own; count them to number the slots
     starts = (rep == positions).long()
     slot_of = starts.cumsum(1) - 1
