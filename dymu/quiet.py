@@ -27,6 +27,17 @@ class _Capture(logging.Filter):
         return True
 
 
+class _LastResort(logging.Handler):
+    """Stands in for a root logger without handlers: records open_clip does not log still
+    reach Python's last-resort stderr handler, as they would without it; open_clip's
+    ``logging.warning`` sees a handler and so does not configure the root logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level:
+            last.handle(record)
+
+
 @contextmanager
 def open_clip_logs() -> Iterator[None]:
     """open_clip logs to the root logger (``ERROR:root:...`` before it raises, a warning on
@@ -37,7 +48,7 @@ def open_clip_logs() -> Iterator[None]:
 
     root = logging.getLogger()
     capture = _Capture(os.path.dirname(os.path.abspath(open_clip.__file__)) + os.sep)
-    spare = logging.NullHandler() if not root.handlers else None
+    spare = _LastResort() if not root.handlers else None
     if spare is not None:
         root.addHandler(spare)
     root.addFilter(capture)

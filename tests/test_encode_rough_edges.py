@@ -185,7 +185,7 @@ def test_batch_size_changes_nothing_but_speed(photo_dir, calibrated, capsys):
 
 def test_an_instance_takes_the_files_schedule(photos, tmp_path, caplog):
     visual = open_clip.create_model(TINY, pretrained=None).visual.eval()
-    linear = [20, 15, 5, 0]  # DESIGN 5: r_total 40 over 4 blocks, r0 = 20, steps of 5
+    linear = [20, 15, 5, 0]  # the linear rule: r_total 40 over 4 blocks, r0 = 20, steps of 5
     identity = dymu.build_encoder(visual).identity
     meta = dict(identity.metadata(), schedule="linear", r_total="40")
     path = tmp_path / "linear.safetensors"
@@ -204,5 +204,24 @@ def test_an_instance_takes_the_files_schedule(photos, tmp_path, caplog):
     merged = before - steps  # tokens each block removed, per image
     assert bool((merged[:, :3] > 0).all()) and bool((merged[:, 3] == 0).all())
 
+    unsaid = dymu.load_encoder(visual, thresholds=path, r_total=None, schedule=None)
+    assert unsaid.r == linear  # None says nothing: the file's schedule still applies
     mine = dymu.load_encoder(visual, thresholds=path, r_total=30)  # the caller's budget wins
     assert mine.r == [8, 8, 7, 7] and "calibrated with r=" in caplog.text
+
+
+def test_other_libraries_warnings_still_show_while_open_clip_is_quieted():
+    """Holding back open_clip's root-logger lines must not silence anyone else's warnings: a
+    root logger without handlers still prints them through Python's last resort (checked in
+    a fresh interpreter, where nothing configured logging)."""
+    code = (
+        "import logging\n"
+        "from dymu.quiet import open_clip_logs\n"
+        "with open_clip_logs():\n"
+        "    logging.getLogger('timm.models').warning('a timm warning')\n"
+        "root = logging.getLogger()\n"
+        "assert not root.handlers and not root.filters\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "a timm warning" in proc.stderr

@@ -188,3 +188,44 @@ def test_thresholds_found_by_name(monkeypatch, tmp_path, calibrated):
     calibrated.save(tmp_path / f"{NAME}-24out.safetensors")
     enc = dymu.load_encoder(f"{NAME}-24out")
     assert torch.allclose(enc.thresholds.thresholds, calibrated.thresholds)
+
+
+@pytest.mark.parametrize("lag", [1, 2, 5])
+def test_reading_lengths_blocks_later_changes_nothing(encoder, pixels, calibrated, lag):
+    """Threshold merges may read their new lengths some blocks later (the segments carry dead
+    rows until then): every lag gives the naive reference's tokens, sizes and groups."""
+    taus = calibrated.thresholds.tolist()
+    encoder.read_lag = lag
+    try:
+        with torch.no_grad():
+            out = encoder(pixels)
+    finally:
+        encoder.read_lag = None
+    xs, sizes, groups, _ = naive_encode(encoder.tower.visual, pixels, encoder.r, taus)
+    assert out.lengths.tolist() == [x.shape[0] for x in xs]
+    assert out.tokens.shape[1] == max(x.shape[0] for x in xs)  # compacted at the end
+    for b, tokens in enumerate(out.to_list()):
+        assert torch.allclose(tokens, xs[b], atol=1e-4)
+        assert out.sizes[b, : len(sizes[b])].tolist() == sizes[b]
+        assert out.groups[b].tolist() == groups[b]
+
+
+@pytest.mark.parametrize("kind", ["open_clip SigLIP", "hf DINOv2 reg4"])
+def test_reading_lengths_later_on_other_towers(photos, kind):
+    """Towers without a class token (every image reordered at every merging block) and with
+    register tokens: a lag of 2 gives what reading at once gives."""
+    from towers import build
+
+    enc = dymu.build_encoder(build(kind))
+    pix = torch.stack([enc.preprocess(p) for p in photos[:6]])
+    enc.set_thresholds(dymu.find_thresholds(enc, [pix[:3], pix[3:]]))
+    with torch.no_grad():
+        enc.read_lag = 0
+        now = enc(pix)
+        enc.read_lag = 2
+        later = enc(pix)
+    assert torch.equal(now.lengths, later.lengths) and torch.equal(now.groups, later.groups)
+    assert len(set(now.lengths.tolist())) > 1
+    assert torch.allclose(now.tokens, later.tokens, atol=1e-5)
+    if now.pooled is not None:
+        assert torch.allclose(now.pooled, later.pooled, atol=1e-5)

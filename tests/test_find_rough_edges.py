@@ -189,6 +189,30 @@ def test_locks_are_per_rank_file(tmp_path):
     assert not lock_path(out, 1).exists()
 
 
+def test_under_torchrun_a_held_lock_refuses_every_rank(photo_dir, tmp_path):
+    """Rank 0 cannot lock OUT.lock (another job holds it); rank 1 could lock its own file,
+    but the ranks agree first: both refuse, none counts, no partial is left."""
+    out = tmp_path / "t.safetensors"
+    holder = open(lock_path(out), "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder.write("pid 4242 on elsewhere\n")
+    holder.flush()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [shutil.which("dymu-find-thresholds"), *args(photo_dir / "images.json", out)]
+    cmd += ["--model-config", str(CONFIGS)]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=tmp_path, timeout=240,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+        )  # fmt: skip
+    finally:
+        holder.close()
+    assert proc.returncode != 0
+    assert "another run is writing" in proc.stderr and "pid 4242 on elsewhere" in proc.stderr
+    assert "another rank of this run could not lock" in proc.stderr
+    assert not list(tmp_path.glob("t.safetensors.partial*")) and not out.exists()
+
+
 # 3. a damaged checkpoint says what to do
 
 

@@ -114,14 +114,17 @@ def merging_blocks(enc: dymu.DyMUEncoder) -> int:
     return sum(t is not None for t in enc.thresholds.merging_blocks()[: enc.num_run])
 
 
-def test_threshold_merging_reads_at_most_once_per_merging_block(threshold_encoder, pixels):
-    """Per merging block, one read of the new lengths (plan_merge) and nothing else; issue
-    19's target of one per forward needs the lengths read a block later (not done yet)."""
-    count = forward_count(threshold_encoder, pixels)
-    blocks = merging_blocks(threshold_encoder)
-    assert blocks > 0
-    assert count.uploads == 0, count.sites
-    assert count.host_reads <= blocks, count.sites
+@pytest.mark.parametrize("lag", [0, 1, 2])
+def test_threshold_merging_syncs_at_most_once_per_forward(threshold_encoder, pixels, lag):
+    """The new lengths of every merge go to the host without blocking and are read blocks
+    later (after an event on a GPU): no read or upload inside the block loop."""
+    threshold_encoder.read_lag = lag
+    try:
+        count = forward_count(threshold_encoder, pixels)
+    finally:
+        threshold_encoder.read_lag = None
+    assert merging_blocks(threshold_encoder) > 0
+    assert count.host_reads + count.uploads <= 1, count.sites
 
 
 @pytest.mark.parametrize("how", HOST_KNOWN)

@@ -266,3 +266,35 @@ def test_norms_and_mlps_see_the_packed_slots_only():
         model(inputs_embeds=torch.randn(3, 40, 32), attention_mask=mask, vtu_mapping=mapping)
     assert kept == [37, 8, 23]
     assert rows == [sum(kept)]  # 68 rows, where padding to the longest would give 3 x 37
+
+
+def test_hidden_states_come_back_at_full_positions():
+    """output_hidden_states gives every layer's states per sample at the N full positions
+    (each position its slot's state), like last_hidden_state, not the packed slots."""
+    model = build("llama")
+    mapping, mask = skewed_batch(torch.Generator().manual_seed(7))
+    embeds = torch.randn(3, 40, 32)
+    apply_vtu(model)
+    with torch.no_grad():
+        out = model.model(
+            inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping,
+            output_hidden_states=True,
+        )  # fmt: skip
+    assert all(h.shape == (3, 40, 32) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    for b in range(3):  # positions of one slot hold one state
+        first = {}
+        for n, slot in enumerate(mapping[b].tolist()):
+            first.setdefault(slot, n)
+            assert torch.equal(out.hidden_states[2][b, n], out.hidden_states[2][b, first[slot]])
+
+
+def test_the_plan_follows_its_layers_across_devices():
+    """A model split over devices (accelerate's hooks call .to on what a layer receives):
+    the plan moves with its tensors."""
+    from dymu.lm.slots import SlotPlan
+
+    plan = SlotPlan.build(torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]]))
+    moved = plan.to("meta")
+    assert moved.rows.device.type == "meta" and moved.counts.device.type == "meta"
+    assert moved.total == plan.total == 5 and plan.rows.device.type == "cpu"

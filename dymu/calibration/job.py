@@ -9,6 +9,7 @@ Each process checkpoints its own statistics and position (``OUT.partial``, or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -66,7 +67,8 @@ def run_calibration(
     check_output(cfg.out_path)
     rank, world, owned = _init_distributed(device)
     try:
-        with run_lock(cfg.out_path, rank):
+        with contextlib.ExitStack() as stack:
+            _lock_every_rank(stack, cfg.out_path, rank, world, device)
             return _run(cfg, device, rank, world, (on_start, on_batch, on_sample), encoder)
     finally:
         if owned:  # every rank leaves together, after rank 0 has written its files
@@ -288,6 +290,26 @@ def _expected_images(
     size = cfg.batch_size
     batches = range(first, -(-total // size))
     return sum(min(size, total - b * size) for b in batches if b % world == rank)
+
+
+def _lock_every_rank(
+    stack: contextlib.ExitStack, out: Path, rank: int, world: int, device: str
+) -> None:
+    """Each rank locks its own file; under torchrun the ranks then agree before any work, so
+    that a run refused by one rank (e.g. rank 0, whose ``OUT.lock`` another job holds) is
+    refused by all of them, none left counting or waiting in a collective."""
+    refusal = None
+    try:
+        stack.enter_context(run_lock(out, rank))
+    except DyMUError as exc:
+        refusal = exc
+    if world > 1:
+        refused = torch.tensor([refusal is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(refused, op=dist.ReduceOp.MAX)
+        if refused.item() and refusal is None:
+            refusal = DyMUError(f"another rank of this run could not lock {out}: see its message")
+    if refusal is not None:
+        raise refusal
 
 
 def _init_distributed(device: str) -> tuple[int, int, bool]:

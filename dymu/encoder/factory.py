@@ -137,7 +137,8 @@ def load_encoder(
     if not isinstance(thresholds, Thresholds):
         thresholds = Thresholds.load(Path(thresholds))
     source = str(thresholds.path) if thresholds.path is not None else "thresholds"
-    if _brings_no_budget(model) and not {"r_total", "schedule"} & overrides.keys():
+    given = any(overrides.get(k) is not None for k in ("r_total", "schedule"))
+    if _brings_no_budget(model) and not given:
         thresholds.check_tower(encoder.identity, encoder.tower.num_blocks, source)
         encoder.r = thresholds.r.tolist()  # the schedule the file was calibrated with
         encoder.schedule_name = thresholds.metadata.get("schedule", encoder.schedule_name)

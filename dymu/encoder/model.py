@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..engine.attention import check_mode
-from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
+from ..engine.blocks import Merging, Tokens, catch_up, run_block, threshold_merging
+from ..engine.deferred import auto_lag
 from ..engine.merge import Packing, batch_rule
 from ..errors import DyMUError, MissingThresholds
 from ..thresholds import Thresholds, TowerIdentity
@@ -54,6 +55,9 @@ class DyMUEncoder(nn.Module):
     exactly ``r[l]`` tokens in block ``l`` (ToMe mode) and no thresholds are needed.
     ``attention`` says how images of different lengths attend (:mod:`dymu.engine.attention`:
     ``auto``, ``loop``, ``nested``, ``flex``); every way gives the same result.
+    ``read_lag`` (an attribute): how many blocks after a threshold merge its new lengths are
+    read (:mod:`dymu.engine.deferred`; ``None``: 1 on CUDA, 0 elsewhere); every lag gives the
+    same result.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class DyMUEncoder(nn.Module):
         super().__init__()
         self.tower = tower
         self.attention = check_mode(attention)
+        self.read_lag: int | None = None
         self.name = name or type(tower).__name__
         if len(r) != tower.num_blocks:
             raise DyMUError(
@@ -149,7 +154,7 @@ class DyMUEncoder(nn.Module):
         # towers without prefix tokens reorder every image at every merging block, merges or
         # not (the reference's batch path, which the published OneVision results ran)
         merging = threshold_merging(self.thresholds, r, self.num_prefix == 0)
-        return self._run(inputs, merging)
+        return self._run(inputs, merging, deferred=True)
 
     def calibrate(
         self, inputs: Inputs, r: Sequence[int] | None = None
@@ -189,17 +194,22 @@ class DyMUEncoder(nn.Module):
         merging: Sequence[Merging | None],
         num_run: int | None = None,
         head: bool = True,
+        deferred: bool = False,
     ) -> EncoderOutput:
         tower, prefix = self.tower, self.num_prefix
         num_run = self.num_run if num_run is None else num_run
         x, lengths, host_lengths, groups = self._embed(inputs)
         packing = Packing.from_lengths(host_lengths, x.device)
-        tokens = Tokens(x, packing, lengths, None, groups)
+        lag = None
+        if deferred:
+            lag = auto_lag(x.device) if self.read_lag is None else self.read_lag
+        tokens = Tokens(x, packing, lengths, None, groups, lag)
         block_lengths = []
         for block in range(num_run):
             step = merging[block] if block < len(merging) else None
             tokens = run_block(tower, block, tokens, step, attention=self.attention)
             block_lengths.append(tokens.lengths)
+        tokens = catch_up(tokens)  # the one wait of a deferred forward
         sizes = tokens.sizes
         if sizes is None:
             sizes = torch.ones(tokens.x.shape[0], device=x.device, dtype=torch.float32)

@@ -17,6 +17,7 @@ from ..errors import DyMUError
 from ..thresholds import Thresholds
 from ..towers.base import TowerAdapter
 from .attention import attend
+from .deferred import PendingLengths, compact
 from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, threshold_rule
 
 # A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
@@ -48,6 +49,10 @@ class Tokens:
     lengths: torch.Tensor
     sizes: torch.Tensor | None = None
     groups: torch.Tensor | None = None
+    # threshold merges read their new lengths ``lag`` blocks later (None: at once, with a
+    # sync; :mod:`dymu.engine.deferred`), and the reads on their way
+    lag: int | None = None
+    pending: tuple[PendingLengths, ...] = ()
 
 
 def run_block(
@@ -60,6 +65,7 @@ def run_block(
 ) -> Tokens:
     """Attention (with ``log(size)`` bias when ``prop_attn``; ``attention`` picks how images
     of different lengths attend, :mod:`dymu.engine.attention`), the merge, the MLP."""
+    tokens = catch_up(tokens, block)
     x, packing, prefix = tokens.x, tokens.packing, tower.num_prefix_tokens
     heads, dim = tower.num_heads, x.shape[-1]
     q, k, v = tower.qkv(block, x)
@@ -68,15 +74,29 @@ def run_block(
     tokens = replace(tokens, x=x)
     if merging is not None and packing.width - prefix >= 2:
         metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
-        tokens = _merge(tokens, metric, merging, prefix)
+        tokens = catch_up(_merge(tokens, metric, merging, prefix, block), block)
     return replace(tokens, x=tokens.x + tower.mlp(block, tokens.x))
 
 
-def _merge(tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int) -> Tokens:
+def catch_up(tokens: Tokens, block: int | None = None) -> Tokens:
+    """Compact to the newest lengths read at least ``lag`` blocks ago (all of them when
+    ``block`` is None: the end of the forward, its one wait)."""
+    due = [p for p in tokens.pending if block is None or block - p.block >= tokens.lag]
+    if not due:
+        return tokens
+    x, sizes, packing = compact(tokens.x, tokens.sizes, tokens.packing, due[-1].wait())
+    rest = tokens.pending[len(due) :]
+    return replace(tokens, x=x, sizes=sizes, packing=packing, pending=rest)
+
+
+def _merge(
+    tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int, block: int
+) -> Tokens:
     packing, lengths = tokens.packing, tokens.lengths
     n = packing.width
     node_max, node_idx = bipartite_scores(metric, lengths, prefix)
     order, new_length = None, None
+    deferred = tokens.lag is not None and merging.fixed_r is None
     if merging.fixed_r is not None:
         if not packing.uniform:
             raise DyMUError("fixed-r merging needs every image of a batch at one length")
@@ -86,13 +106,19 @@ def _merge(tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int) 
     else:
         merged = merging.rule(node_max, lengths, n)
     reorder = merging.reorder_all or merging.fixed_r is not None
-    plan = plan_merge(merged, node_idx, lengths, n, prefix, reorder, order, new_length)
+    bound = packing.lengths if deferred else None
+    plan = plan_merge(merged, node_idx, lengths, n, prefix, reorder, order, new_length, bound)
     if plan is None:
         return tokens
+    groups = plan.track(tokens.groups) if tokens.groups is not None else None
+    if deferred:  # the same segments, dead rows after each image's tokens; lengths follow
+        x, sizes = plan.merge(tokens.x, tokens.sizes, packing, packing, dead_rows=True)
+        pending = (*tokens.pending, PendingLengths.start(plan.lengths, block))
+        return replace(tokens, x=x, lengths=plan.lengths, sizes=sizes, groups=groups,
+                       pending=pending)  # fmt: skip
     after = Packing.from_lengths(list(plan.host_lengths), tokens.x.device)
     x, sizes = plan.merge(tokens.x, tokens.sizes, packing, after)
-    groups = plan.track(tokens.groups) if tokens.groups is not None else None
-    return Tokens(x, after, plan.lengths, sizes, groups)
+    return replace(tokens, x=x, packing=after, lengths=plan.lengths, sizes=sizes, groups=groups)
 
 
 def threshold_merging(

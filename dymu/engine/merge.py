@@ -101,20 +101,22 @@ class Packing:
     """
 
     lengths: tuple[int, ...]
-    index: torch.Tensor | None  # batch, pos and offsets, concatenated (None when uniform)
+    device: torch.device
+    index: torch.Tensor | None  # batch, pos, offsets, counts, concatenated (None when uniform)
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device) -> Packing:
-        lengths = tuple(lengths)
+        lengths, device = tuple(lengths), torch.device(device)
         uniform = len(set(lengths)) == 1
-        return cls(lengths, None if uniform else _packing_index(lengths, torch.device(device)))
+        return cls(lengths, device, None if uniform else _packing_index(lengths, device))
 
     def _part(self, which: int) -> torch.Tensor:
         index = self.index
-        if index is None:  # uniform: only the flex way asks, made on the spot
-            index = _packing_index(self.lengths, torch.device("cpu"))
-        total = sum(self.lengths)
-        return index[(0, total, 2 * total)[which] :][: (total, total, len(self.lengths))[which]]
+        if index is None:  # uniform: only the flex way and dead-row merges ask, made on the spot
+            index = _packing_index(self.lengths, self.device)
+        total, bsz = sum(self.lengths), len(self.lengths)
+        start = (0, total, 2 * total, 2 * total + bsz)[which]
+        return index[start:][: (total, total, bsz, bsz)[which]]
 
     @property
     def batch(self) -> torch.Tensor:
@@ -130,6 +132,11 @@ class Packing:
     def offsets(self) -> torch.Tensor:
         """``(B,)`` first packed index of every image."""
         return self._part(2)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``(B,)`` the host lengths, on the device."""
+        return self._part(3)
 
     @property
     def width(self) -> int:
@@ -157,14 +164,14 @@ class Packing:
 
 
 def _packing_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``batch``, ``pos`` and ``offsets`` of a packing, built on the host (no device op can
+    """``batch``, ``pos``, ``offsets`` and ``counts`` of a packing, built on the host (no op can
     need a sync) and copied to ``device`` from pinned memory without blocking."""
     counts = torch.tensor(lengths)
     total = sum(lengths)
     batch = torch.arange(len(lengths)).repeat_interleave(counts, output_size=total)
     offsets = counts.cumsum(0) - counts
     pos = torch.arange(total) - offsets[batch]
-    host = torch.cat([batch, pos, offsets])
+    host = torch.cat([batch, pos, offsets, counts])
     if device.type == "cuda":
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
@@ -184,26 +191,44 @@ class MergePlan:
         return max(self.host_lengths)
 
     def merge(
-        self, x: torch.Tensor, sizes: torch.Tensor | None, before: Packing, after: Packing
+        self,
+        x: torch.Tensor,
+        sizes: torch.Tensor | None,
+        before: Packing,
+        after: Packing,
+        dead_rows: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Size-weighted mean of each group on packed tokens, accumulated in float32.
 
         ``x`` is ``(T, D)`` packed by ``before``; ``sizes`` ``(T,)`` float32 (``None``: all
         ones). Returns ``(T', D)`` packed by ``after`` and the new sizes ``(T',)``.
+        With ``dead_rows`` (a plan made with ``bound``) rows of ``before`` past an image's real
+        length go nowhere, and rows of ``after`` that no token reaches come out as zeros of
+        size 0, which attention's ``log(size)`` bias masks.
         """
-        if before.uniform and after.uniform:  # fixed r: every image at one length, before and after
+        if before.uniform and after.uniform:  # one length per image, before and after
+            local = self.dest
             base = torch.arange(len(before.lengths), device=x.device) * after.lengths[0]
-            target = (base[:, None] + self.dest).reshape(-1)
+            target = base[:, None] + local
+            inside = local < after.lengths[0] if dead_rows else None
         else:
-            target = after.offsets[before.batch] + self.dest[before.batch, before.pos]
+            local = self.dest[before.batch, before.pos]
+            target = after.offsets[before.batch] + local
+            inside = local < after.counts[before.batch] if dead_rows else None
+        total = sum(after.lengths)
+        if dead_rows:  # one spare row past the end takes what goes nowhere, then is dropped
+            target = torch.where(inside, target, total)
+        target = target.reshape(-1)
         if sizes is None:
             sizes = torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
-        total = sum(after.lengths)
-        acc = torch.zeros(total, x.shape[1], device=x.device, dtype=torch.float32)
+        rows = total + int(dead_rows)
+        acc = torch.zeros(rows, x.shape[1], device=x.device, dtype=torch.float32)
         acc.index_add_(0, target, x.float() * sizes[:, None])
-        new_sizes = torch.zeros(total, device=x.device, dtype=torch.float32)
+        new_sizes = torch.zeros(rows, device=x.device, dtype=torch.float32)
         new_sizes.index_add_(0, target, sizes)
-        return (acc / new_sizes[:, None]).to(x.dtype), new_sizes
+        acc, new_sizes = acc[:total], new_sizes[:total]
+        # a real slot holds at least size 1, so the clamp only keeps empty rows at 0 / 1
+        return (acc / new_sizes.clamp(min=1.0)[:, None]).to(x.dtype), new_sizes
 
     def track(self, groups: torch.Tensor) -> torch.Tensor:
         """Follow original tokens to their new slot: ``groups (B, N0)`` -> ``(B, N0)``.
@@ -223,6 +248,7 @@ def plan_merge(
     reorder_all: bool = False,
     a_order: torch.Tensor | None = None,
     new_length: int | None = None,
+    bound: tuple[int, ...] | None = None,
 ) -> MergePlan | None:
     """Turn a merge decision over ``n`` current slots into new slots; ``None`` if nothing moves.
 
@@ -233,6 +259,9 @@ def plan_merge(
     by position (ToMe's score order, from :func:`fixed_r_rule`). Reads the new lengths back to the
     host in one small transfer, the only sync per merging block, needed to size the shorter
     tensors; fixed-r merging knows them beforehand (``new_length`` for every image) and skips it.
+    With ``bound`` (host upper bounds of the new lengths, e.g. the current ones) nothing is
+    read: the plan keeps those lengths, and the slots past an image's real new length are
+    dead rows (see :meth:`MergePlan.merge`); a plan is made even if nothing merged.
     """
     dev = merged.device
     pos = torch.arange(n, device=dev)
@@ -246,6 +275,8 @@ def plan_merge(
     new_lengths = lengths - count
     if new_length is not None:
         host_lengths = [new_length] * merged.shape[0]
+    elif bound is not None:
+        host_lengths = list(bound)
     else:
         *host_lengths, any_merge = torch.cat([new_lengths, count.max()[None]]).tolist()
         if any_merge == 0 and not reorder_all:

@@ -10,7 +10,7 @@ then gathers rows to full positions with one index and averages back with one sc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,6 +40,13 @@ class SlotPlan:
         counts = counts.index_add_(0, rows, ones).clamp_(min=1)[:, None]
         return cls(mapping, rows, counts, total)
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SlotPlan:
+        """The plan on ``device`` (accelerate's hooks call this when a model is split over
+        several GPUs and the layers' inputs are moved to each layer's device)."""
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return replace(self, mapping=move(self.mapping), rows=move(self.rows),
+                       counts=move(self.counts))  # fmt: skip
+
     @property
     def shape(self) -> torch.Size:
         """The full ``(B, N)``, as the mapping's."""
@@ -48,11 +55,13 @@ class SlotPlan:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, C)`` at full positions -> ``(S, C)``: the mean of each slot's positions,
         accumulated in float32."""
+        plan = self if self.rows.device == x.device else self.to(x.device)
         flat = x.reshape(-1, x.shape[-1])
         acc = torch.zeros(self.total, flat.shape[1], device=x.device, dtype=torch.float32)
-        acc.index_add_(0, self.rows, flat.float())
-        return (acc / self.counts).to(x.dtype)
+        acc.index_add_(0, plan.rows, flat.float())
+        return (acc / plan.counts).to(x.dtype)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``(S, ...)`` -> ``(B, N, ...)``: every full position gets its slot's row."""
-        return packed.index_select(0, self.rows).view(*self.shape, *packed.shape[1:])
+        rows = self.rows if self.rows.device == packed.device else self.rows.to(packed.device)
+        return packed.index_select(0, rows).view(*self.shape, *packed.shape[1:])

@@ -192,4 +192,14 @@ def _expand_hook(module: nn.Module, args: tuple, kwargs: dict, output):
     if not isinstance(plan, SlotPlan) or plan.shape[1] != _inputs_length(args, kwargs):
         return output
     output.last_hidden_state = plan.unpack(output.last_hidden_state[0])
+    hidden = getattr(output, "hidden_states", None)
+    if hidden is not None:  # output_hidden_states: every layer's states at full positions too
+        output.hidden_states = tuple(_full_positions(plan, h) for h in hidden)
     return output
+
+
+def _full_positions(plan: SlotPlan, hidden: torch.Tensor) -> torch.Tensor:
+    """Packed slots ``(1, S, C)`` -> ``(B, N, C)``; states already at full positions stay."""
+    if hidden.shape[0] == 1 and hidden.shape[1] == plan.total:  # (with B = 1 and S = N the
+        return plan.unpack(hidden[0])  # mapping is the identity: the same either way)
+    return hidden

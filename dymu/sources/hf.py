@@ -93,7 +93,7 @@ def _probe_hub(spec: str) -> None:
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
-    if constants.HF_HUB_OFFLINE or url.hostname is None or any(map(os.environ.get, _PROXIES)):
+    if _offline() or url.hostname is None or any(map(os.environ.get, _PROXIES)):
         return
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -221,18 +221,26 @@ class ParquetSource:
                 yield RawItem(str(file), error=f"broken parquet file: {_first_line(exc)}")
 
 
+def _offline() -> bool:
+    """Offline as datasets sees it (``HF_DATASETS_OFFLINE`` or ``HF_HUB_OFFLINE``)."""
+    from datasets import config
+
+    return bool(config.HF_HUB_OFFLINE)
+
+
 def _stream(datasets: Any, spec: str, name: str, split: str) -> Any:
     """``load_dataset(streaming=True)``; a hub id is probed first, failures are one line."""
-    from huggingface_hub import constants
-
-    local = Path(name).exists()
+    path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) and not path.exists():  # a path, never a hub id
+        raise DyMUError(f"cannot load hf:{spec}: no such folder or file: {path}")
+    local = path.exists()
     if not local:
         _probe_hub(spec)
     try:
-        return datasets.load_dataset(name, split=split, streaming=True)
+        return datasets.load_dataset(str(path) if local else name, split=split, streaming=True)
     except Exception as exc:  # not found, offline, bad split...: datasets' own types
         advice = ""
-        if constants.HF_HUB_OFFLINE and not local:
+        if _offline() and not local:
             advice = (
                 "; HF_HUB_OFFLINE is set and it is not cached: give a local copy (a "
                 "save_to_disk folder or parquet files)"
