@@ -180,6 +180,28 @@ def test_batch_size_changes_nothing_but_speed(photo_dir, calibrated, capsys):
     ]
 
 
+def test_a_batch_out_of_memory_is_encoded_image_by_image(
+    photo_dir, calibrated, capsys, monkeypatch
+):
+    """A batch too large for the device (the default is 16) is not the end of the run: its
+    images are encoded one by one and give the counts the whole batch would have."""
+    images = [photo_dir / "img" / f"{name}.jpg" for name in PHOTOS[:5]]
+    args = [*images, "--model", MODEL, "--pretrained", "none", "--thresholds", calibrated]
+    code, whole, _ = run(args, capsys)
+    assert code == 0
+    forward = dymu.DyMUEncoder.forward
+
+    def small_device(self, inputs):
+        if inputs.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, inputs)
+
+    monkeypatch.setattr(dymu.DyMUEncoder, "forward", small_device)
+    code, out, err = run(args, capsys)
+    assert code == 0 and out == whole
+    assert "out of memory on a batch of 5 images: encoding them one by one" in err
+
+
 # 5. a thresholds file brings its schedule to instances and folders
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import stat
 import sys
@@ -22,6 +23,7 @@ from .common import (
 )
 
 PROG = "dymu-encode"
+log = logging.getLogger(__name__)
 _BAR_FROM = 9  # images from which a progress bar shows
 EXAMPLES = f"""\
 examples:
@@ -157,10 +159,22 @@ def _encode_batch(
     if not good:
         return results
     inputs = stack_inputs(items)
-    with torch.inference_mode():
-        out = encoder(inputs)
+    try:
+        with torch.inference_mode():
+            out = encoder(inputs)
+    except torch.OutOfMemoryError:
+        if len(good) == 1:
+            raise DyMUError(f"out of memory encoding {paths[good[0]]}") from None
+        inputs = items = None  # let the failed batch's memory go before retrying
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of memory on a batch of %d images: encoding them one by one", len(good))
+        for i in good:
+            results[i] = _encode_batch(encoder, [paths[i]], args, pictures)[0]
+        return results
+    lengths = out.lengths.tolist()
     for index, i in enumerate(good):
-        length = int(out.lengths[index])
+        length = lengths[index]
         line = f"{length:>4} tokens"
         if args.per_block:
             line += "  per block: " + " ".join(map(str, out.block_lengths[index].tolist()))
