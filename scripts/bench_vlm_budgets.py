@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
+from bench_encoder import DTYPES  # noqa: E402
 from bench_vlm import SHAPES  # noqa: E402
 from bench_vtu import count_flops, interleave, timed  # noqa: E402
 
@@ -45,7 +46,6 @@ import dymu  # noqa: E402
 
 BUDGETS = {"low": (89, 27), "mid": (195, 47), "high": (394, 57)}
 PATCHES, BEFORE, AFTER = 576, 5, 4
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_args() -> argparse.Namespace:

@@ -115,8 +115,7 @@ class Packing:
         if index is None:  # uniform: only the flex way and dead-row merges ask, made on the spot
             index = _packing_index(self.lengths, self.device)
         total, bsz = sum(self.lengths), len(self.lengths)
-        start = (0, total, 2 * total, 2 * total + bsz)[which]
-        return index[start:][: (total, total, bsz, bsz)[which]]
+        return index.split([total, total, bsz, bsz])[which]
 
     @property
     def batch(self) -> torch.Tensor:

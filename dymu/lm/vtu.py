@@ -104,20 +104,6 @@ def is_vtu_applied(model: nn.Module) -> bool:
     return hasattr(_decoder(model), _STATE)
 
 
-def group_mean(x: torch.Tensor, mapping: torch.Tensor, slots: int) -> torch.Tensor:
-    """Average ``x (B, N, C)`` into ``slots`` groups per sample given ``mapping (B, N)``.
-
-    Accumulates in float32; slots no position maps to come out as zeros.
-    """
-    bsz, n, dim = x.shape
-    flat = _flat_index(mapping, slots)
-    acc = torch.zeros(bsz * slots, dim, device=x.device, dtype=torch.float32)
-    acc.index_add_(0, flat, x.reshape(bsz * n, dim).float())
-    counts = torch.zeros(bsz * slots, device=x.device, dtype=torch.float32)
-    counts.index_add_(0, flat, torch.ones(bsz * n, device=x.device, dtype=torch.float32))
-    return (acc / counts.clamp(min=1)[:, None]).view(bsz, slots, dim).to(x.dtype)
-
-
 def expand_groups(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     """``x (B, slots, ...)`` -> ``(B, N, ...)``: every position gets its slot's row."""
     bsz, slots = x.shape[:2]
