@@ -19,6 +19,8 @@ Two parts, built from configs with random (seeded) weights, nothing downloaded:
   ``vanilla`` beside ``dymu+VTU`` (``hf_llava.apply(model, thresholds, vtu=True)``) and
   ``dymu no-VTU`` (``vtu=False``), thresholds as ``bench_vlm`` calibrates them.
 
+Images of different lengths attend the way ``attention="auto"`` takes on a GPU (one padded
+SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image.
 Every variant runs one uncounted forward first (lazy set-up), then one counted forward, under
 ``torch.inference_mode``; what counts as an op, a host read and an upload is said in
 ``scripts/support/op_counter.py``.
@@ -58,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_encoder import DTYPES  # noqa: E402
 
 import dymu  # noqa: E402
+from dymu.engine.attention import auto_way  # noqa: E402
 from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,11 +149,14 @@ def encoder_rows(args: argparse.Namespace) -> list[Row]:
     with torch.inference_mode():
         enc.set_thresholds(dymu.find_thresholds(enc, list(pixels.split(4))))
         kept = torch.cat([enc(p[None]).lengths for p in pixels]).cpu()
+    enc.attention = gpu_way(args)
     variants = {
         "dymu": enc,
         "fixed-r": dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval(),
         "no-merge": dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval(),
     }
+    for model in variants.values():
+        model.attention = gpu_way(args)
     rows = []
     for bsz in args.batch_sizes:
         batch = pixels[pick(list(range(len(pixels))), bsz, median_index(kept))]
@@ -162,6 +168,12 @@ def encoder_rows(args: argparse.Namespace) -> list[Row]:
             rows.append(make_row("encoder", name, variant, bsz, count, vanilla.ops,
                                  ENCODER_OPS_BUDGET, syncs))  # fmt: skip
     return rows
+
+
+def gpu_way(args: argparse.Namespace) -> str:
+    """How images of different lengths attend in the counted forwards: what ``auto`` takes on
+    a GPU (one padded call), also on a CPU run, whose ``auto`` loops per image."""
+    return auto_way("cuda") if args.device == "cpu" else "auto"
 
 
 def prefill(model: torch.nn.Module, inputs: dict) -> Callable[[], object]:
@@ -190,6 +202,7 @@ def vlm_rows(args: argparse.Namespace) -> list[Row]:
     models = {"vanilla": model}
     for variant, vtu in (("dymu+VTU", True), ("dymu no-VTU", False)):
         models[variant] = hf_llava.apply(bench_vlm.shared_copy(model), thresholds, vtu=vtu)
+        hf_llava.encoder_of(models[variant]).attention = gpu_way(args)
     label = f"llava-{shape}"
     rows = []
     for bsz in args.batch_sizes:

@@ -23,6 +23,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class Row:
     tome_ms: float
     bound: float
     tokens_out: int
+    theirs_ms: float | None = None  # facebookresearch/ToMe's own timm patch, where timed
 
     @property
     def speedup(self) -> float:
@@ -86,15 +88,50 @@ def build(name: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], object],
     return model, lambda x: model(pixel_values=x), config.image_size
 
 
-def bench(name: str, batches: list[int], rs: list[int], reps: int, warmup: int) -> list[Row]:
+def theirs(model: torch.nn.Module) -> torch.nn.Module | None:
+    """facebookresearch/ToMe's own timm patch on a copy sharing ``model``'s weights (set
+    ``.r`` before a call); None where the ``tome`` package is missing or the model isn't timm's."""
+    try:
+        import timm
+        import tome
+    except ImportError:
+        return None
+    if not isinstance(model, timm.models.vision_transformer.VisionTransformer):
+        return None
+    from bench_vlm import shared_copy
+
+    copy = shared_copy(model)
+    tome.patch.timm(copy)
+    return copy
+
+
+def run_theirs(model: torch.nn.Module, r: int, x: torch.Tensor) -> object:
+    model.r = r
+    return model(x)
+
+
+def bench(
+    name: str,
+    batches: list[int],
+    rs: list[int],
+    reps: int,
+    warmup: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    own: bool = False,
+) -> list[Row]:
+    """Rows per batch and r; ``own``: ToMe's own patch timed beside, where importable."""
     model, call, size = build(name)
+    model.to(device, dtype)
+    ref = theirs(model) if own else None
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     tower = dymu.build_encoder(model).tower  # the tower's shape, for FLOP counts
     width, mlp_width, n0 = tower.width, tower.mlp_width, tower.num_tokens
     patch = 2 * tower.num_patches * 3 * tower.patch_size**2 * tower.width
     vanilla_flops = image_flops([n0] * tower.num_blocks, n0, width, mlp_width, patch)
     rows = []
     for batch in batches:
-        x = torch.randn(batch, 3, size, size)
+        x = torch.randn(batch, 3, size, size).to(device, dtype)
 
         def variant(r: int | None, x: torch.Tensor = x) -> Callable[[], object]:
             def run() -> object:
@@ -107,14 +144,17 @@ def bench(name: str, batches: list[int], rs: list[int], reps: int, warmup: int) 
             return run
 
         fns = {"vanilla": variant(None), **{f"r{r}": variant(r) for r in rs}}
+        if ref is not None:
+            fns.update({f"tome r{r}": functools.partial(run_theirs, ref, r, x) for r in rs})
         with torch.inference_mode():
-            ms = time_interleaved(fns, reps, warmup)
+            ms = time_interleaved(fns, reps, warmup, sync)
             for r in rs:
                 dymu.apply_tome(model, r=r)
                 call(x[:1])
                 counts = [int(v[0]) for v in model.dymu_tome.block_lengths]
                 bound = vanilla_flops / image_flops(counts, n0, width, mlp_width, patch)
-                rows.append(Row(name, batch, r, ms["vanilla"], ms[f"r{r}"], bound, counts[-1]))
+                rows.append(Row(name, batch, r, ms["vanilla"], ms[f"r{r}"], bound, counts[-1],
+                                ms.get(f"tome r{r}")))  # fmt: skip
         dymu.remove_tome(model)
     return rows
 

@@ -78,7 +78,8 @@ def build_lm(args: argparse.Namespace) -> torch.nn.Module:
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(**SHAPES[args.shape]["text"], vocab_size=32064, attn_implementation="sdpa")
-    lm = LlamaForCausalLM(config).to(args.device, DTYPES[args.dtype]).eval()
+    with torch.device(args.device):  # built in place: a 7B model is not made on the host first
+        lm = LlamaForCausalLM._from_config(config, dtype=DTYPES[args.dtype]).eval()
     lm.generation_config.pad_token_id = 0
     return lm
 

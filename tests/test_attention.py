@@ -9,7 +9,7 @@ from naive import naive_encode
 import dymu
 from dymu import attention
 from dymu.engine.attention import ATTENTION_MODES, attend
-from dymu.engine.merge import Packing
+from dymu.engine.packing import Packing
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 MODES = [m for m in ATTENTION_MODES if m != "auto"]
@@ -30,6 +30,11 @@ def by_hand(q, k, v, heads, lengths, sizes):
             out[rows, cols] = scores.softmax(-1) @ v[rows, cols]
         start += n
     return out
+
+
+def logs(sizes):
+    """What ``attend`` takes: the log of every key's size."""
+    return None if sizes is None else sizes.log()
 
 
 def packed(lengths, dim=32, dtype=torch.float32, seed=0):
@@ -53,7 +58,7 @@ def ways(monkeypatch):
 
         monkeypatch.setattr(attention, f"_{name}", recorded)
 
-    for name in ("sdpa", "nested", "flex"):
+    for name in ("sdpa", "padded", "nested", "flex"):
         spy(name, getattr(attention, f"_{name}"))
     return calls
 
@@ -74,28 +79,52 @@ def expected_calls(mode: str, lengths) -> list:
 def test_every_way_equals_attention_by_hand(mode, with_sizes, lengths, ways):
     q, k, v, sizes, packing = packed(lengths)
     sizes = sizes if with_sizes else None
-    out = attend(q, k, v, 4, packing, sizes, mode)
+    out = attend(q, k, v, 4, packing, logs(sizes), mode)
     assert ways == expected_calls(mode, lengths)
     assert torch.allclose(out, by_hand(q, k, v, 4, lengths, sizes), atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["nested", "flex"])
+@pytest.mark.parametrize("mode", ["padded", "nested", "flex"])
 def test_bf16_packed_ways_agree_with_the_loop(mode, ways):
     lengths = (9, 40, 2, 23)
     q, k, v, sizes, packing = packed(lengths, dim=64, dtype=torch.bfloat16, seed=1)
-    loop = attend(q, k, v, 4, packing, sizes, "loop").float()
+    loop = attend(q, k, v, 4, packing, logs(sizes), "loop").float()
     ways.clear()
-    out = attend(q, k, v, 4, packing, sizes, mode).float()
+    out = attend(q, k, v, 4, packing, logs(sizes), mode).float()
     assert ways == expected_calls(mode, lengths)
     exact = by_hand(q.float(), k.float(), v.float(), 4, lengths, sizes)
-    assert out.dtype == torch.float32 and attend(q, k, v, 4, packing, sizes, mode).dtype == q.dtype
+    assert attend(q, k, v, 4, packing, logs(sizes), mode).dtype == q.dtype
     # as close to the fp32 result as the loop is (bf16 keeps 8 bits)
     assert (out - exact).abs().max() <= 2 * (loop - exact).abs().max() + 1e-2
     assert (out - loop).abs().max() < 3e-2
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_dead_rows_are_masked_every_way(mode):
+    # rows of size 0 (merged away, removal deferred: log size -inf) are no keys at all:
+    # the result on the live rows equals attention over the live rows alone
+    lengths = (7, 12, 5)
+    q, k, v, sizes, packing = packed(lengths, seed=2)
+    dead = torch.zeros(sum(lengths), dtype=torch.bool)
+    dead[[5, 6, 15, 16, 17, 18]] = True  # the last rows of images 0 and 1
+    sizes = sizes.masked_fill(dead, 0.0)
+    out = attend(q, k, v, 4, packing, logs(sizes), mode)
+    live = (5, 8, 5)
+    expect = by_hand(q[~dead], k[~dead], v[~dead], 4, live, sizes[~dead])
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out[~dead], expect, atol=1e-5)
+
+
+def test_auto_takes_the_loop_on_a_cpu_and_the_padded_call_on_a_gpu(ways):
+    q, k, v, sizes, packing = packed((4, 9))
+    attend(q, k, v, 4, packing, logs(sizes), "auto")
+    assert ways == [("sdpa", 1), ("sdpa", 1)]
+    assert attention.auto_way("cuda") == "padded" and attention.auto_way("cpu") == "loop"
+
+
 def test_unknown_mode_is_refused():
-    with pytest.raises(dymu.DyMUError, match="attention must be one of auto, loop, nested, flex"):
+    expected = "attention must be one of auto, loop, padded, nested, flex"
+    with pytest.raises(dymu.DyMUError, match=expected):
         dymu.build_encoder(f"{TINY}-tome-24out", attention="fast")
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from ..engine.attention import check_mode
 from ..engine.blocks import Merging, Tokens, catch_up, run_block, threshold_merging
 from ..engine.deferred import auto_lag
-from ..engine.merge import Packing, batch_rule
+from ..engine.merge import batch_rule
+from ..engine.packing import Packing
 from ..errors import DyMUError, MissingThresholds
 from ..thresholds import Thresholds, TowerIdentity
 from ..towers.base import Inputs, TowerAdapter
@@ -203,7 +204,8 @@ class DyMUEncoder(nn.Module):
         lag = None
         if deferred:
             lag = auto_lag(x.device) if self.read_lag is None else self.read_lag
-        tokens = Tokens(x, packing, lengths, None, groups, lag)
+        gaps = bool(packing.lengths) and min(host_lengths) < groups.shape[1]  # padded patches: -1
+        tokens = Tokens(x, packing, lengths, None, groups, lag, gaps=gaps)
         block_lengths = []
         for block in range(num_run):
             step = merging[block] if block < len(merging) else None

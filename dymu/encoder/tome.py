@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
-from ..engine.merge import Packing
+from ..engine.packing import Packing
 from ..engine.schedule import ToMeR, tome_schedule
 from ..errors import DyMUError
 from ..patching import call_prior, patch, unpatch

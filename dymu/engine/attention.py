@@ -13,10 +13,16 @@ After a merging block the images of a batch have different lengths. Four ways to
 * ``"flex"``: FlexAttention over the whole packed sequence with a block mask that keeps
   every image to itself and a ``score_mod`` adding ``log(size)``; compiled on a GPU (on a
   CPU it runs unfused, for checking only).
+* ``"padded"``: one SDPA call over the batch padded to its longest image, the padding
+  masked by the same additive bias row that carries ``log(size)`` (-inf there). A constant
+  handful of kernels whatever the batch size, and no copy of q/k for the bias; the padding
+  costs attention FLOPs, a small share of a block's at these lengths.
 * ``"auto"`` (default): images of one length share one batched SDPA call (all ways give
-  the same there); otherwise ``"loop"``, the fastest measured on a CPU and on an H200
-  (where ``"nested"`` took 2.3x-2.5x its time at batch 8; README: Attention over images of
-  different lengths).
+  the same there); otherwise ``"padded"`` on a GPU, where a block is bound by launches (the
+  loop launches per image: at batch 64, 64 attention calls per block), and ``"loop"`` on a
+  CPU, where launches cost nothing and the loop wastes no FLOPs (the fastest measured there;
+  on an H200 ``"nested"`` took 2.3x-2.5x the loop's time at batch 8; README: Attention over
+  images of different lengths).
 
 Every way gives the per-image result (to 1e-5 in fp32; tests/test_attention.py). Lengths are
 read from the packing's host copy, so none of them synchronises with the device.
@@ -30,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DyMUError
-from .merge import Packing
+from .packing import Packing
 
-ATTENTION_MODES = ("auto", "loop", "nested", "flex")
+ATTENTION_MODES = ("auto", "loop", "padded", "nested", "flex")
 _BIAS_DIMS = 8  # the extra head dimensions of the nested way (one used, padded to 8)
 
 
@@ -43,31 +49,39 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def auto_way(device_type: str) -> str:
+    """What ``"auto"`` runs for images of different lengths on a device of this type."""
+    return "padded" if device_type == "cuda" else "loop"
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
     packing: Packing,
-    sizes: torch.Tensor | None,
+    log_sizes: torch.Tensor | None,
     mode: str = "auto",
 ) -> torch.Tensor:
-    """Multi-head attention on packed ``(T, D)`` tokens; ``sizes`` ``(T,)`` adds ``log(size)``
-    of every key to its scores (proportional attention). Returns ``(T, D)``."""
+    """Multi-head attention on packed ``(T, D)`` tokens; ``log_sizes`` ``(T,)`` float32 is
+    added to every key's scores (proportional attention; -inf masks a dead row). Returns
+    ``(T, D)``."""
     lengths = packing.lengths
     if packing.uniform and mode != "flex":
-        return _sdpa(q, k, v, sizes, heads, len(lengths), lengths[0])
+        return _sdpa(q, k, v, log_sizes, heads, len(lengths), lengths[0])
     if mode == "auto":
-        mode = "loop"
+        mode = auto_way(q.device.type)
+    if mode == "padded":
+        return _padded(q, k, v, heads, packing, log_sizes)
     if mode == "nested":
-        return _nested(q, k, v, heads, packing, sizes)
+        return _nested(q, k, v, heads, packing, log_sizes)
     if mode == "flex":
-        return _flex(q, k, v, heads, packing, sizes)
+        return _flex(q, k, v, heads, packing, log_sizes)
     parts = zip(
         q.split(lengths),
         k.split(lengths),
         v.split(lengths),
-        sizes.split(lengths) if sizes is not None else [None] * len(lengths),
+        log_sizes.split(lengths) if log_sizes is not None else [None] * len(lengths),
         lengths,
         strict=True,
     )
@@ -78,7 +92,7 @@ def _sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    sizes: torch.Tensor | None,
+    log_sizes: torch.Tensor | None,
     heads: int,
     bsz: int,
     n: int,
@@ -86,9 +100,29 @@ def _sdpa(
     """``bsz`` images of ``n`` tokens each, in one call; the bias is a broadcast row."""
     dim = q.shape[-1]
     q, k, v = (t.reshape(bsz, n, heads, dim // heads).transpose(1, 2) for t in (q, k, v))
-    bias = None if sizes is None else sizes.log().view(bsz, 1, 1, n).to(q.dtype)
+    bias = None if log_sizes is None else log_sizes.view(bsz, 1, 1, n).to(q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     return out.transpose(1, 2).reshape(bsz * n, dim)
+
+
+def _padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    packing: Packing,
+    log_sizes: torch.Tensor | None,
+) -> torch.Tensor:
+    """One SDPA call over the padded batch; padding masked by -inf in the bias row."""
+    total, dim = q.shape
+    bsz, width = len(packing.lengths), packing.width
+    if log_sizes is None:
+        log_sizes = q.new_zeros(total, dtype=torch.float32)
+    bias = packing.pad(log_sizes, fill=float("-inf")).to(q.dtype).view(bsz, 1, 1, width)
+    qkv = packing.pad(torch.stack([q, k, v], 1))  # (B, W, 3, D), zeros after each image
+    q, k, v = (t.view(bsz, width, heads, dim // heads).transpose(1, 2) for t in qkv.unbind(2))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return packing.pack(out.transpose(1, 2).reshape(bsz, width, dim))
 
 
 def _nested(
@@ -97,19 +131,19 @@ def _nested(
     v: torch.Tensor,
     heads: int,
     packing: Packing,
-    sizes: torch.Tensor | None,
+    log_sizes: torch.Tensor | None,
 ) -> torch.Tensor:
     """One SDPA call on nested jagged tensors; the bias folded into an extra dimension."""
     total, dim = q.shape
     lengths = packing.lengths
     d = dim // heads
     q, k, v = (t.view(total, heads, d) for t in (q, k, v))
-    if sizes is not None:
+    if log_sizes is not None:
         # scores = (q . k) * scale, with scale = 1/sqrt(d) for the original d:
         # [q, sqrt(d), 0..] . [k, log(size), 0..] * scale = q . k / sqrt(d) + log(size)
         pad = q.new_zeros(total, heads, _BIAS_DIMS - 1)
         q = torch.cat([q, q.new_full((total, heads, 1), d**0.5), pad], -1)
-        log_size = sizes.log().to(k.dtype).view(total, 1, 1).expand(total, heads, 1)
+        log_size = log_sizes.to(k.dtype).view(total, 1, 1).expand(total, heads, 1)
         k = torch.cat([k, log_size, pad], -1)
         v = torch.cat([v, pad, pad[..., :1]], -1)
     offsets = F.pad(packing.offsets, (0, 1), value=total)  # (B + 1,), made on the device
@@ -129,7 +163,7 @@ def _flex(
     v: torch.Tensor,
     heads: int,
     packing: Packing,
-    sizes: torch.Tensor | None,
+    log_sizes: torch.Tensor | None,
 ) -> torch.Tensor:
     """FlexAttention over the packed sequence: a block mask per image, ``log(size)`` added
     by ``score_mod``."""
@@ -143,8 +177,8 @@ def _flex(
 
     mask = create_block_mask(same_image, None, None, total, total, device=q.device)
     score_mod = None
-    if sizes is not None:
-        log_size = sizes.log().to(q.dtype)
+    if log_sizes is not None:
+        log_size = log_sizes.to(q.dtype)
 
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + log_size[kv_idx]

@@ -18,7 +18,20 @@ from ..thresholds import Thresholds
 from ..towers.base import TowerAdapter
 from .attention import attend
 from .deferred import PendingLengths, compact
-from .merge import Packing, bipartite_scores, fixed_r_rule, plan_merge, threshold_rule
+from .merge import (
+    NEG_INF,
+    Sides,
+    destinations,
+    match,
+    merge_fixed_r,
+    merge_sorted,
+    order_keys,
+    split_sizes,
+    threshold_rule,
+    track,
+    with_sizes,
+)
+from .packing import Packing
 
 # A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
 Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -53,6 +66,7 @@ class Tokens:
     # sync; :mod:`dymu.engine.deferred`), and the reads on their way
     lag: int | None = None
     pending: tuple[PendingLengths, ...] = ()
+    gaps: bool = False  # groups hold -1 (padded input patches)
 
 
 def run_block(
@@ -67,14 +81,15 @@ def run_block(
     of different lengths attend, :mod:`dymu.engine.attention`), the merge, the MLP."""
     tokens = catch_up(tokens, block)
     x, packing, prefix = tokens.x, tokens.packing, tower.num_prefix_tokens
-    heads, dim = tower.num_heads, x.shape[-1]
+    heads = tower.num_heads
     q, k, v = tower.qkv(block, x)
-    bias_sizes = tokens.sizes if prop_attn else None
-    x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias_sizes, attention))
+    log_sizes = None if tokens.sizes is None else tokens.sizes.log()  # dead rows: -inf
+    bias = log_sizes if prop_attn or log_sizes is None else log_sizes.clamp(max=0.0)
+    x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias, attention))
     tokens = replace(tokens, x=x)
     if merging is not None and packing.width - prefix >= 2:
-        metric = packing.pad(k.reshape(-1, heads, dim // heads).mean(dim=1))
-        tokens = catch_up(_merge(tokens, metric, merging, prefix, block), block)
+        metric = k.unflatten(-1, (heads, -1)).mean(1, dtype=torch.float32)
+        tokens = catch_up(_merge(tokens, metric, log_sizes, merging, prefix, block), block)
     return replace(tokens, x=tokens.x + tower.mlp(block, tokens.x))
 
 
@@ -90,35 +105,49 @@ def catch_up(tokens: Tokens, block: int | None = None) -> Tokens:
 
 
 def _merge(
-    tokens: Tokens, metric: torch.Tensor, merging: Merging, prefix: int, block: int
+    tokens: Tokens,
+    metric: torch.Tensor,
+    log_sizes: torch.Tensor | None,
+    merging: Merging,
+    prefix: int,
+    block: int,
 ) -> Tokens:
-    packing, lengths = tokens.packing, tokens.lengths
-    n = packing.width
-    node_max, node_idx = bipartite_scores(metric, lengths, prefix)
-    order, new_length = None, None
-    deferred = tokens.lag is not None and merging.fixed_r is None
+    """One merge on the padded view: match, decide, merge, lay out; then pack again (at the
+    new lengths, or, deferred, at the old ones with dead rows)."""
+    packing, bsz = tokens.packing, len(tokens.packing.lengths)
+    sides = Sides(packing.width, prefix)
+    if log_sizes is None and not packing.uniform:  # padding must read as dead
+        log_sizes = metric.new_zeros(metric.shape[0])
+    bias = None if log_sizes is None else packing.pad(log_sizes, NEG_INF).clamp(max=0.0)
+    xs = packing.pad(with_sizes(tokens.x, tokens.sizes))  # padding: size 0
+    node_max, node_idx = match(packing.pad(metric), bias, sides)
     if merging.fixed_r is not None:
         if not packing.uniform:
             raise DyMUError("fixed-r merging needs every image of a batch at one length")
-        r = min(merging.fixed_r, (n - prefix) // 2)  # the cap counts mergeable tokens
-        merged, by_score = fixed_r_rule(node_max, r)
-        order, new_length = (by_score if prefix == 0 else None), n - r
+        r = min(merging.fixed_r, (packing.width - prefix) // 2)  # the cap counts mergeable tokens
+        out, order, merged = merge_fixed_r(xs, node_max, node_idx, r, sides)
+        lengths, host = tokens.lengths - r, [packing.width - r] * bsz
     else:
-        merged = merging.rule(node_max, lengths, n)
-    reorder = merging.reorder_all or merging.fixed_r is not None
-    bound = packing.lengths if deferred else None
-    plan = plan_merge(merged, node_idx, lengths, n, prefix, reorder, order, new_length, bound)
-    if plan is None:
-        return tokens
-    groups = plan.track(tokens.groups) if tokens.groups is not None else None
-    if deferred:  # the same segments, dead rows after each image's tokens; lengths follow
-        x, sizes = plan.merge(tokens.x, tokens.sizes, packing, packing, dead_rows=True)
-        pending = (*tokens.pending, PendingLengths.start(plan.lengths, block))
-        return replace(tokens, x=x, lengths=plan.lengths, sizes=sizes, groups=groups,
-                       pending=pending)  # fmt: skip
-    after = Packing.from_lengths(list(plan.host_lengths), tokens.x.device)
-    x, sizes = plan.merge(tokens.x, tokens.sizes, packing, after)
-    return replace(tokens, x=x, packing=after, lengths=plan.lengths, sizes=sizes, groups=groups)
+        merged = merging.rule(node_max, tokens.lengths, packing.width)
+        order = order_keys(merged, bias, sides, merging.reorder_all).sort(dim=1, stable=True)[1]
+        out = merge_sorted(xs, merged, node_idx, order, sides)
+        lengths, host = tokens.lengths - merged.sum(-1), None
+    x, sizes = split_sizes(out, tokens.x.dtype)
+    groups = tokens.groups
+    if groups is not None:
+        dest = destinations(order, packing.width, merged, node_idx, sides)
+        groups = track(groups, dest, tokens.gaps)
+    if host is None and tokens.lag is not None:  # deferred: same segments, dead rows after
+        pending = (*tokens.pending, PendingLengths.start(lengths, block))
+        return replace(tokens, x=packing.pack(x), sizes=packing.pack(sizes), lengths=lengths,
+                       groups=groups, pending=pending)  # fmt: skip
+    if host is None:
+        host = lengths.tolist()  # the one host read of a synchronous merge
+        if tuple(host) == packing.lengths and not merging.reorder_all:
+            return tokens  # nothing merged, nothing moved
+    after = Packing.from_lengths(host, x.device)
+    x, sizes = (after.pack(t[:, : after.width]) for t in (x, sizes))
+    return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
 
 
 def threshold_merging(

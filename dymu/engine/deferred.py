@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .merge import Packing
+from .packing import Packing, upload
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,12 @@ def compact(
     first); the rows to keep are listed on the host and copied without blocking."""
     if tuple(lengths) == packing.lengths:
         return x, sizes, packing
-    old = torch.tensor(packing.lengths)
-    new = torch.tensor(lengths)
-    total = int(new.sum())
-    starts = (old.cumsum(0) - old).repeat_interleave(new, output_size=total)
-    firsts = (new.cumsum(0) - new).repeat_interleave(new, output_size=total)
-    rows = starts + torch.arange(total) - firsts  # segment start + rank within the image
-    if x.device.type == "cuda":
-        rows = rows.pin_memory()
-    rows = rows.to(x.device, non_blocking=True)
+    if len(lengths) == 1:  # one image: its first rows, a view
+        return x[: lengths[0]], sizes[: lengths[0]], Packing.from_lengths(lengths, x.device)
+    old = np.asarray(packing.lengths, dtype=np.int64)
+    new = np.asarray(lengths, dtype=np.int64)
+    starts = np.repeat(np.cumsum(old) - old, new)  # each kept row's segment start
+    firsts = np.repeat(np.cumsum(new) - new, new)
+    rows = upload(starts + np.arange(len(starts)) - firsts, x.device)  # + rank in its image
     after = Packing.from_lengths(lengths, x.device)
     return x.index_select(0, rows), sizes.index_select(0, rows), after

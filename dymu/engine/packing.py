@@ -1,0 +1,105 @@
+"""Where each image's tokens sit in a packed ``(T, D)`` tensor, and the padded view of it.
+
+Per-token work (norms, projections, MLPs) runs on packed tokens, so no image pays for another's
+length; matching and merging work on a padded ``(B, width, ...)`` view, which is a reshape when
+every image has the same length (fixed r, nothing merged yet, batch 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Where each image's tokens sit in a packed ``(T, D)`` tensor (``T = sum(lengths)``).
+
+    Per-token work (norms, projections, MLPs, merging) runs on the packed tensor, so no
+    image pays for another's length; only scoring uses a small padded view. The index
+    tensors (``batch``, ``pos``, ``offsets``) are made on the host from the host lengths and
+    copied to the device in one non-blocking copy: no sync. A batch of one length (fixed r,
+    nothing merged yet) needs none of them: packing is a reshape there.
+    """
+
+    lengths: tuple[int, ...]
+    device: torch.device
+    index: torch.Tensor | None  # batch, pos, offsets, counts, concatenated (None when uniform)
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device) -> Packing:
+        lengths, device = tuple(lengths), torch.device(device)
+        uniform = len(set(lengths)) == 1
+        return cls(lengths, device, None if uniform else _packing_index(lengths, device))
+
+    def _part(self, which: int) -> torch.Tensor:
+        index = self.index
+        if index is None:  # uniform: only the flex way and dead-row merges ask, made on the spot
+            index = _packing_index(self.lengths, self.device)
+        total, bsz = sum(self.lengths), len(self.lengths)
+        return index.split([total, total, bsz, bsz])[which]
+
+    @property
+    def batch(self) -> torch.Tensor:
+        """``(T,)`` image of every packed token."""
+        return self._part(0)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """``(T,)`` position of every packed token within its image."""
+        return self._part(1)
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``(B,)`` first packed index of every image."""
+        return self._part(2)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``(B,)`` the host lengths, on the device."""
+        return self._part(3)
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def uniform(self) -> bool:
+        """Every image has the same length: packing is a reshape."""
+        return len(set(self.lengths)) == 1
+
+    def pad(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``(T, ...)`` -> ``(B, width, ...)`` with ``fill`` after each image's tokens."""
+        shape = (len(self.lengths), self.width, *packed.shape[1:])
+        if self.uniform:
+            return packed.reshape(shape)
+        out = packed.new_full(shape, fill)
+        out[self.batch, self.pos] = packed
+        return out
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """``(B, width, ...)`` -> ``(T, ...)``: each image's real tokens (inverse of ``pad``)."""
+        if self.uniform:
+            return padded.reshape(-1, *padded.shape[2:])
+        return padded[self.batch, self.pos]
+
+
+def _packing_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``batch``, ``pos``, ``offsets`` and ``counts`` of a packing, built on the host with
+    numpy (no device op, no sync) and copied to ``device`` from pinned memory without
+    blocking."""
+    counts = np.asarray(lengths, dtype=np.int64)
+    offsets = np.cumsum(counts) - counts
+    batch = np.repeat(np.arange(len(counts)), counts)
+    pos = np.arange(len(batch)) - offsets[batch]
+    return upload(np.concatenate([batch, pos, offsets, counts]), device)
+
+
+def upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``: pinned and copied without blocking on CUDA."""
+    tensor = torch.from_numpy(host)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

@@ -1,0 +1,393 @@
+"""Every GPU figure the project reports, in one command and one table (issue 19, point 6).
+
+Four sections, each timed by its sibling script's own functions (random, seeded weights built
+from configs; nothing downloaded), vanilla and dymu interleaved in one run, medians:
+
+* **encoder** (``bench_encoder.bench_model``): ViT-L-14-336-tome-72out and
+  ViT-SO400M-14-SigLIP-384-tome-192out at batch 1, 8 and 64, thresholds calibrated on the
+  bundled photos; the vanilla tower against dymu (``attention="auto"``), ms per forward, and
+  the FLOP bound at the measured per-block token counts.
+* **calibration** (``bench_calibration.bench_throughput``): threshold finding against a plain
+  forward over the same stream of synthetic JPEGs (ViT-L-14-336-tome-72out, batch 64), img/s.
+* **tome** (``bench_tome.bench``): ``dymu.apply_tome`` against the unpatched timm ViT-B/16 and
+  ViT-L/16 at r 8 and 16, batch 256, img/s; beside them facebookresearch/ToMe's own timm patch
+  on the same weights where the ``tome`` package is importable (else ``-``).
+* **vlm** (``bench_vlm_budgets.run_row``): llava-1.5-7b's language model (bf16) with the
+  DyMU-low budget's kept tokens per image (then mid and high while time allows), batch 1 and
+  16: prefill (time to first token) vanilla against dymu+VTU beside the FLOP bound, and
+  greedy generate tokens/s over 32 new tokens.
+
+Targets (issues 19 and 20, on one H100 or H200): encoder at batch 64 >= 1.3x (ViT-L) and
+>= 1.2x (SO400M), batch 8 >= 1.0x, batch 1 >= 0.9x; calibration >= 0.9x; ToMe r 16 at least
+ToMe's own speedup, r 8 on ViT-L >= 1.1x; VLM low budget: prefill >= 1.5x at batch 1 and
+>= 2.5x at batch 16, generate >= 1.0x and >= 1.2x. ``met`` says whether each row reaches it.
+
+Prints one table headed by the device, torch version and dtypes (fp16 for the encoder,
+calibration and ToMe, bf16 for the VLM on CUDA; fp32 on CPU), writes it as JSON (``--json``)
+and a bar chart of speedup beside FLOP bound (``--plot``, needs matplotlib). A failing section
+or model is an ``error`` row and the rest still run; past ``--time-limit`` seconds what is left
+is a ``skipped: time limit`` row (a unit starts only if one like the last still fits). The
+sibling scripts' own output goes to stderr.
+
+Estimated run time on one H100 with the defaults: about 3-4 minutes (encoder ~70 s,
+calibration ~40 s, ToMe ~25 s, VLM ~60 s, from the sibling scripts' timings on an H200),
+well inside the 330 s default limit and the issue's 6 minutes.
+
+Run from the repository root on a GPU machine::
+
+    python scripts/bench_gpu.py
+    python scripts/bench_gpu.py --sections encoder vlm --json gpu.json --plot gpu.png
+    python scripts/bench_gpu.py --quick   # tiny shapes on CPU, one rep: what CI runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+
+import bench_calibration  # noqa: E402
+import bench_encoder  # noqa: E402
+import bench_tome  # noqa: E402
+import bench_vlm_budgets  # noqa: E402
+from bench_overhead import ENCODER, quick_tower  # noqa: E402
+
+import dymu  # noqa: E402
+
+SECTIONS = ["encoder", "calibration", "tome", "vlm"]
+VIT_L, SO400M = "ViT-L-14-336-tome-72out", "ViT-SO400M-14-SigLIP-384-tome-192out"
+TINY_TOWER = ENCODER[True]  # bench_overhead's 4-block tower at 64 px
+SECTION_REPS = {"encoder": (3, 10), "tome": (3, 10), "vlm": (1, 5)}  # (warmup, reps) on a GPU
+VLM_TARGETS = {(1, "prefill"): 1.5, (1, "generate"): 1.0, (16, "prefill"): 2.5,
+               (16, "generate"): 1.2}  # fmt: skip
+QUICK = dict(
+    device="cpu", encoder_models=[TINY_TOWER], encoder_batches=[1, 8], calib_model=TINY_TOWER,
+    calib_images=8, calib_batch=4, calib_runs=1, tome_models=["timm:tiny"], tome_batch=4,
+    vlm_budgets=["low"], vlm_batches=[1, 2], new_tokens=2, reps=1, warmup=0,
+)  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One measurement: figures in ``unit`` (ms: lower is better; img/s, tok/s: higher)."""
+
+    section: str
+    model: str
+    batch: int | None = None
+    setting: str = ""
+    vanilla: float | None = None
+    dymu: float | None = None
+    unit: str = ""
+    bound: float | None = None  # FLOP bound of the speedup
+    target: float | None = None  # the speedup to reach
+    reference: float | None = None  # ToMe's own patch, in ``unit``
+    note: str = ""  # an error, or why the row was skipped
+    detail: dict = field(default_factory=dict)  # the sibling's own row, for the JSON
+
+    @property
+    def speedup(self) -> float | None:
+        if self.vanilla is None or self.dymu is None:
+            return None
+        return self.vanilla / self.dymu if self.unit == "ms" else self.dymu / self.vanilla
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.speedup is None:
+            return None
+        return self.speedup >= self.target
+
+
+class Clock:
+    """Seconds since the start against ``--time-limit``."""
+
+    def __init__(self, limit: float) -> None:
+        self.start, self.limit = time.perf_counter(), limit
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, estimate: float = 0.0) -> bool:
+        return self.elapsed() + estimate < self.limit
+
+
+def guarded(section: str, label: str, fn: Callable[[], list[Row]]) -> list[Row]:
+    """``fn``'s rows, its prints sent to stderr; an error row where it fails."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
+    except (Exception, SystemExit) as exc:  # a failing part is a row; the others still run
+        traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:100]
+        return [Row(section, label, note=f"error: {type(exc).__name__}: {first}")]
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_units(
+    clock: Clock, section: str, items: list, fn: Callable[[object], list[Row]]
+) -> list[Row]:
+    """``fn(item)`` for each item while the time limit allows one more like the last."""
+    rows, last = [], 0.0
+    for item in items:
+        if not clock.allows(last):
+            rows.append(Row(section, str(item), note="skipped: time limit"))
+            continue
+        start = time.perf_counter()
+        rows += guarded(section, str(item), lambda item=item: fn(item))
+        last = time.perf_counter() - start
+        print(f"[bench_gpu] {section} {item}: {last:.0f} s", file=sys.stderr)
+    return rows
+
+
+def reps(args: argparse.Namespace, section: str) -> tuple[int, int]:
+    """(warmup, reps): the flags where given, else the section's GPU default."""
+    warmup, count = SECTION_REPS[section]
+    return (warmup if args.warmup is None else args.warmup), (args.reps or count)
+
+
+def encoder_target(model: str, batch: int) -> float | None:
+    if batch >= 64:
+        return 1.2 if "SO400M" in model else 1.3
+    return {8: 1.0, 1: 0.9}.get(batch)
+
+
+def encoder_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+    warmup, count = reps(args, "encoder")
+    ns = argparse.Namespace(
+        device=args.device, dtype=args.dtype, data=bench_encoder.ROOT / "examples" / "images.json",
+        b1_image=None, batch_sizes=args.encoder_batches, attention=["auto"],
+    )  # fmt: skip
+
+    def unit(name: str) -> list[Row]:
+        return [
+            Row("encoder", name, r.batch, f"{r.final_tokens:.0f} tokens", r.vanilla_ms, r.dymu_ms,
+                "ms", r.bound, encoder_target(name, r.batch), detail=asdict(r))
+            for r in bench_encoder.bench_model(name, ns, count, warmup)
+        ]  # fmt: skip
+
+    return run_units(clock, "encoder", args.encoder_models, unit)
+
+
+def calibration_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+    ns = argparse.Namespace(
+        model=args.calib_model, batch_size=args.calib_batch, num_workers=args.num_workers,
+        device=args.device, dtype=args.dtype, images=args.calib_images, runs=args.calib_runs,
+        threads=args.threads,
+    )  # fmt: skip
+
+    def unit(name: str) -> list[Row]:
+        work = Path(tempfile.mkdtemp(prefix="dymu-bench-gpu-"))
+        try:
+            data = bench_calibration.write_list(
+                work, bench_calibration.synthesize(work / "images", ns.images)
+            )
+            plain, calib = bench_calibration.bench_throughput(ns, data, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        target = bench_calibration.THROUGHPUT_TARGET
+        return [Row("calibration", name, ns.batch_size, f"{ns.images} images", plain, calib,
+                    "img/s", None, target)]  # fmt: skip
+
+    return run_units(clock, "calibration", [args.calib_model], unit)
+
+
+def tome_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+    warmup, count = reps(args, "tome")
+    dtype = bench_encoder.DTYPES[args.dtype]
+
+    def unit(name: str) -> list[Row]:
+        rows = []
+        for r in bench_tome.bench(name, [args.tome_batch], args.tome_r, count, warmup,
+                                  args.device, dtype, own=True):  # fmt: skip
+            own = None if r.theirs_ms is None else r.batch / r.theirs_ms * 1e3
+            target = 1.1 if r.r == 8 and "large" in name else None
+            if r.r == 16 and r.theirs_ms is not None:  # at least ToMe's own speedup
+                target = r.vanilla_ms / r.theirs_ms
+            rows.append(
+                Row("tome", name, r.batch, f"r {r.r}", r.batch / r.vanilla_ms * 1e3,
+                    r.batch / r.tome_ms * 1e3, "img/s", r.bound, target, own, detail=asdict(r))
+            )  # fmt: skip
+        return rows
+
+    return run_units(clock, "tome", args.tome_models, unit)
+
+
+def vlm_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+    warmup, count = reps(args, "vlm")
+    cuda = args.device.startswith("cuda")
+    shape = "quick" if args.quick else "7b" if cuda else "small"
+    ns = argparse.Namespace(
+        shape=shape, device=args.device, dtype=args.vlm_dtype, seed=0, reps=count, warmup=warmup,
+        new_tokens=args.new_tokens or (32 if cuda else 4),
+    )  # fmt: skip
+    lm = dymu.apply_vtu(bench_vlm_budgets.build_lm(ns))
+    gen = torch.Generator().manual_seed(ns.seed)
+    label = "llava-1.5-7b LM" if shape == "7b" else f"llava-1.5 LM ({shape})"
+
+    def unit(budget: str) -> list[Row]:
+        rows = []
+        for bsz in args.vlm_batches:
+            r = bench_vlm_budgets.run_row(ns, lm, budget, bsz, gen)
+            low = budget == "low"
+            rows += [
+                Row("vlm", label, bsz, f"{budget} prefill", r["vanilla_ms"], r["vtu_ms"], "ms",
+                    r["bound"], VLM_TARGETS.get((bsz, "prefill")) if low else None, detail=r),
+                Row("vlm", label, bsz, f"{budget} generate", r["vanilla_tps"], r["vtu_tps"],
+                    "tok/s", None, VLM_TARGETS.get((bsz, "generate")) if low else None),
+            ]  # fmt: skip
+        return rows
+
+    return run_units(clock, "vlm", args.vlm_budgets, unit)
+
+
+RUNNERS = {
+    "encoder": encoder_section,
+    "calibration": calibration_section,
+    "tome": tome_section,
+    "vlm": vlm_section,
+}
+
+
+def device_info(args: argparse.Namespace) -> dict[str, str]:
+    if args.device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        models = [line.split(":", 1)[1].strip() for line in
+                  (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+                  if line.startswith("model name")]  # fmt: skip
+        name = f"{models[0] if models else platform.processor() or 'CPU'} ({os.cpu_count()} CPUs)"
+    return {"device": name, "torch": torch.__version__, "dtype": args.dtype,
+            "vlm_dtype": args.vlm_dtype}  # fmt: skip
+
+
+def cell(value: float | None, unit: str = "") -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:.1f} {unit}" if unit in ("ms", "tok/s") else f"{value:.0f} {unit}"
+
+
+def print_table(rows: list[Row], info: dict[str, str], seconds: float) -> None:
+    print(
+        f"{info['device']} | torch {info['torch']} | {info['dtype']} (encoder, calibration, "
+        f"ToMe), {info['vlm_dtype']} (VLM) | {seconds:.0f} s"
+    )
+    head = (
+        f"{'section':<11} {'model':<36} {'batch':>5} {'setting':<15} {'vanilla':>11} "
+        f"{'dymu':>11} {'ToMe own':>11} {'speedup':>7} {'bound':>6} {'target':>6} met"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if r.note:
+            print(f"{r.section:<11} {r.model:<36} {r.note}")
+            continue
+        met = "-" if r.met is None else "yes" if r.met else "no"
+        print(
+            f"{r.section:<11} {r.model:<36} {r.batch:>5} {r.setting:<15} "
+            f"{cell(r.vanilla, r.unit):>11} {cell(r.dymu, r.unit):>11} "
+            f"{cell(r.reference, r.unit):>11} {cell(r.speedup, 'x'):>7} {cell(r.bound, 'x'):>6} "
+            f"{cell(r.target, 'x'):>6} {met}"
+        )
+    print("speedup = vanilla ms / dymu ms, or dymu / vanilla for img/s and tok/s; bound = FLOPs")
+
+
+def write_outputs(args: argparse.Namespace, rows: list[Row], info: dict, seconds: float) -> None:
+    if args.json:
+        rows_out = [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows]
+        payload = {**info, "seconds": seconds, "command": sys.argv, "rows": rows_out}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+        print(f"JSON written to {args.json}")
+    if args.plot:
+        bars = [
+            SimpleNamespace(model=f"{r.section}: {r.model.split('-tome')[0]}\n{r.setting}",
+                            batch=r.batch,
+                            speedup=r.speedup, bound=math.nan if r.bound is None else r.bound)
+            for r in rows if r.speedup is not None
+        ]  # fmt: skip
+        bench_encoder.plot(bars, args.plot)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = p.add_argument
+    add("--quick", action="store_true", help=f"tiny shapes on CPU, one rep (CI): {QUICK}")
+    add("--device", default=None, help="cuda (default where available) or cpu")
+    dtypes = list(bench_encoder.DTYPES)
+    add("--dtype", choices=dtypes, help="encoder, calibration, ToMe (fp16 on cuda, else fp32)")
+    add("--vlm-dtype", choices=dtypes, help="VLM precision (default bf16 on cuda, else fp32)")
+    add("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="which to run, in order")
+    add("--encoder-models", nargs="+", default=[VIT_L, SO400M], help="dymu encoder names")
+    add("--encoder-batches", nargs="+", type=int, default=[1, 8, 64], help="encoder batch sizes")
+    add("--calib-model", default=VIT_L, help="the calibration section's encoder")
+    add("--calib-images", type=int, default=256, help="images per calibration/plain run")
+    add("--calib-batch", type=int, default=64, help="calibration batch size")
+    add("--calib-runs", type=int, default=3, help="alternating runs of each; medians")
+    add("--num-workers", type=int, default=None, help="calibration loader workers (cuda: 12)")
+    add("--tome-models", nargs="+", default=["timm:vit_base_patch16_224",
+        "timm:vit_large_patch16_224"], help="bench_tome model names")  # fmt: skip
+    add("--tome-batch", type=int, default=256, help="ToMe batch size")
+    add("--tome-r", nargs="+", type=int, default=[8, 16], help="ToMe r per block")
+    budgets = list(bench_vlm_budgets.BUDGETS)
+    add("--vlm-budgets", nargs="+", choices=budgets, default=budgets, help="later ones if time")
+    add("--vlm-batches", nargs="+", type=int, default=[1, 16], help="VLM batch sizes")
+    add("--new-tokens", type=int, default=None, help="generated tokens (32 on cuda, else 4)")
+    add("--reps", type=int, default=None, help="timed reps (default: encoder/ToMe 10, VLM 5)")
+    add("--warmup", type=int, default=None, help="untimed reps (default: encoder/ToMe 3, VLM 1)")
+    add("--time-limit", type=float, default=330.0, help="seconds; later parts are skipped")
+    add("--json", default="bench_gpu.json", help="write the rows here ('' or --quick: none)")
+    add("--plot", default="bench_gpu.png", help="bar chart here ('' or --quick: none)")
+    add("--threads", type=int, default=None, help="torch.set_num_threads")
+    if p.parse_known_args()[0].quick:  # quick sizes as defaults; explicit flags still win
+        p.set_defaults(**QUICK, json=None, plot=None)
+    args = p.parse_args()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("fp16" if cuda else "fp32")
+    args.vlm_dtype = args.vlm_dtype or ("bf16" if cuda else "fp32")
+    args.num_workers = args.num_workers or (min(12, os.cpu_count() or 1) if cuda else 1)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    clock = Clock(args.time_limit)
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rows: list[Row] = []
+    with quick_tower():  # the tiny tower's name resolves in every mode
+        for section in args.sections:
+            if not clock.allows():
+                rows.append(Row(section, "-", note="skipped: time limit"))
+                continue
+            rows += guarded(section, "-", lambda section=section: RUNNERS[section](args, clock))
+    info = device_info(args)
+    print_table(rows, info, clock.elapsed())
+    write_outputs(args, rows, info, clock.elapsed())
+
+
+if __name__ == "__main__":
+    main()
