@@ -296,5 +296,5 @@ def test_the_plan_follows_its_layers_across_devices():
 
     plan = SlotPlan.build(torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]]))
     moved = plan.to("meta")
-    assert moved.rows.device.type == "meta" and moved.counts.device.type == "meta"
+    assert moved.rows.device.type == "meta" and moved.mapping.device.type == "meta"
     assert moved.total == plan.total == 5 and plan.rows.device.type == "cpu"

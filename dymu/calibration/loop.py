@@ -31,8 +31,8 @@ class TokenStats:
     low: int = 1 << 62
     high: int = 0
 
-    def add(self, lengths: torch.Tensor) -> None:
-        values = lengths.tolist()
+    def add(self, lengths: torch.Tensor | tuple[int, ...]) -> None:
+        values = lengths.tolist() if torch.is_tensor(lengths) else list(lengths)
         self.total += sum(values)
         self.images += len(values)
         self.low = min([self.low, *values])
@@ -45,8 +45,8 @@ class TokenStats:
 
 class CalibrationState:
     """Everything a calibration has accumulated: per-block float64 sums and counts of batch
-    thresholds (kept on the device), and tokens per image (read back once per batch: the
-    progress bar shows them)."""
+    thresholds (kept on the device), and tokens per image (the host's copy of each batch's
+    lengths: the progress bar shows them)."""
 
     def __init__(self, num_blocks: int, device: torch.device | str = "cpu") -> None:
         self.sum = torch.zeros(num_blocks, dtype=torch.float64, device=device)
@@ -62,7 +62,8 @@ class CalibrationState:
         """One batch: its thresholds where a block recorded one, its token counts."""
         self.sum += torch.where(used, values, torch.zeros_like(values))
         self.count += used.long()
-        self.tokens.add(out.lengths)
+        # the host knows the lengths after the forward: no read of the device
+        self.tokens.add(out.host_lengths if out.host_lengths is not None else out.lengths)
         self.largest_batch = max(self.largest_batch, int(out.lengths.numel()))
 
 

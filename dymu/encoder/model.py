@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,7 +14,7 @@ from ..engine.attention import check_mode
 from ..engine.blocks import Merging, Tokens, catch_up, run_block, threshold_merging
 from ..engine.deferred import auto_lag
 from ..engine.merge import batch_rule
-from ..engine.packing import Packing
+from ..engine.packing import Packing, constant, upload
 from ..errors import DyMUError, MissingThresholds
 from ..thresholds import Thresholds, TowerIdentity
 from ..towers.base import Inputs, TowerAdapter
@@ -31,6 +32,8 @@ class EncoderOutput:
     groups: torch.Tensor  # (B, N0) int64: original token -> slot (-1: a padded input patch)
     pooled: torch.Tensor | None  # (B, E) image embedding, when the tower has a head
     block_lengths: torch.Tensor  # (B, blocks run): tokens per image after each block
+    # ``lengths`` as the host knows them after the forward's one wait (no read needed)
+    host_lengths: tuple[int, ...] | None = field(default=None, repr=False)
 
     def to_list(self) -> list[torch.Tensor]:
         """One unpadded ``(L_i, D)`` tensor per image."""
@@ -40,6 +43,8 @@ class EncoderOutput:
         """Shapes and dtypes instead of values; ``lengths`` in full for the first images."""
         parts = []
         for f in fields(self):
+            if not f.repr:
+                continue
             value = getattr(self, f.name)
             shown = _lengths_repr(value) if f.name == "lengths" else _tensor_repr(value)
             parts.append(f"{f.name}={shown}")
@@ -55,7 +60,7 @@ class DyMUEncoder(nn.Module):
     registers) from the output: LLaVA's 'patch' features. With ``fixed_r`` every image merges
     exactly ``r[l]`` tokens in block ``l`` (ToMe mode) and no thresholds are needed.
     ``attention`` says how images of different lengths attend (:mod:`dymu.engine.attention`:
-    ``auto``, ``loop``, ``nested``, ``flex``); every way gives the same result.
+    ``auto``, ``loop``, ``padded``, ``nested``, ``flex``); every way gives the same result.
     ``read_lag`` (an attribute): how many blocks after a threshold merge its new lengths are
     read (:mod:`dymu.engine.deferred`; ``None``: 1 on CUDA, 0 elsewhere); every lag gives the
     same result.
@@ -96,6 +101,7 @@ class DyMUEncoder(nn.Module):
         self.pretrained = "unknown"  # recorded in threshold files
         self.schedule_name = "explicit:" + ",".join(map(str, self.r))
         self.thresholds: Thresholds | None = None
+        self._rules: tuple[object, list[Merging | None]] | None = None  # (key, rules)
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
@@ -117,6 +123,7 @@ class DyMUEncoder(nn.Module):
                 self.r,
             )
         self.thresholds = thresholds
+        self._rules = None  # the per-block rules, made at the next forward
 
     @property
     def merges(self) -> bool:
@@ -152,10 +159,19 @@ class DyMUEncoder(nn.Module):
             return self._run(inputs, [Merging(fixed_r=v) if v > 0 else None for v in r])
         if self.thresholds is None:
             raise MissingThresholds(self.name)
-        # towers without prefix tokens reorder every image at every merging block, merges or
-        # not (the reference's batch path, which the published OneVision results ran)
-        merging = threshold_merging(self.thresholds, r, self.num_prefix == 0)
-        return self._run(inputs, merging, deferred=True)
+        return self._run(inputs, self._threshold_rules(r), deferred=True)
+
+    def _threshold_rules(self, r: list[int]) -> list[Merging | None]:
+        """Every block's rule for ``self.thresholds``, made once for these thresholds and
+        schedule (not at every forward)."""
+        key = (self.thresholds, tuple(r), self.num_prefix)
+        cached = self._rules
+        if cached is None or cached[0][0] is not key[0] or cached[0][1:] != key[1:]:
+            # towers without prefix tokens reorder every image at every merging block,
+            # merges or not (the reference's batch path, which the published OneVision
+            # results ran)
+            self._rules = (key, threshold_merging(self.thresholds, r, self.num_prefix == 0))
+        return self._rules[1]
 
     def calibrate(
         self, inputs: Inputs, r: Sequence[int] | None = None
@@ -225,8 +241,9 @@ class DyMUEncoder(nn.Module):
             groups=tokens.groups,
             pooled=pooled,
             block_lengths=torch.stack(block_lengths, 1) if block_lengths else lengths[:, None],
+            host_lengths=tokens.packing.lengths,
         )
-        return _drop_prefix(out, prefix) if self.drop_cls and prefix else out
+        return _drop_prefix(out, prefix, tokens.gaps) if self.drop_cls and prefix else out
 
     def _embed(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
         """Packed embeddings ``(T, D)``, tokens per image (on the device and on the host) and
@@ -241,9 +258,9 @@ class DyMUEncoder(nn.Module):
         bsz, n0, dim = x.shape
         dev = x.device
         real_lengths = self.tower.input_lengths(inputs)
-        positions = torch.arange(n0, device=dev)
+        positions = constant(np.arange(n0), dev)
         if real_lengths is None:
-            lengths = torch.full((bsz,), n0, device=dev, dtype=torch.long)
+            lengths = upload(np.full(bsz, n0), dev)  # made on the host: no kernel
             return x.reshape(bsz * n0, dim), lengths, [n0] * bsz, positions.expand(bsz, n0)
         lengths = real_lengths.to(dev)
         real = positions[None, :] < lengths[:, None]
@@ -272,6 +289,10 @@ def _to(inputs: Inputs, param: torch.Tensor) -> Inputs:
 
     def move(t: torch.Tensor) -> torch.Tensor:
         dtype = param.dtype if t.is_floating_point() else t.dtype
+        if param.device.type == "cuda" and t.device.type == "cpu":
+            # from pinned memory without blocking: a copy from pageable memory would make the
+            # host wait for the GPU to finish the previous batch
+            t = t.pin_memory().to(param.device, non_blocking=True)
         return t.to(device=param.device, dtype=dtype)
 
     if isinstance(inputs, torch.Tensor):
@@ -279,14 +300,17 @@ def _to(inputs: Inputs, param: torch.Tensor) -> Inputs:
     return {key: move(value) for key, value in inputs.items()}
 
 
-def _drop_prefix(out: EncoderOutput, prefix: int) -> EncoderOutput:
-    """LLaVA-style 'patch' features: the prefix tokens (always the first slots) removed."""
+def _drop_prefix(out: EncoderOutput, prefix: int, gaps: bool) -> EncoderOutput:
+    """LLaVA-style 'patch' features: the prefix tokens (always the first slots) removed
+    (``gaps``: groups hold -1, which stays)."""
     groups = out.groups[:, prefix:]
+    host = None if out.host_lengths is None else tuple(n - prefix for n in out.host_lengths)
     return EncoderOutput(
         tokens=out.tokens[:, prefix:],
         lengths=out.lengths - prefix,
         sizes=out.sizes[:, prefix:],
-        groups=torch.where(groups < 0, groups, groups - prefix),
+        groups=torch.where(groups < 0, groups, groups - prefix) if gaps else groups - prefix,
         pooled=out.pooled,
         block_lengths=out.block_lengths - prefix,
+        host_lengths=host,
     )

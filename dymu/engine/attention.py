@@ -54,6 +54,11 @@ def auto_way(device_type: str) -> str:
     return "padded" if device_type == "cuda" else "loop"
 
 
+def way(mode: str, device_type: str) -> str:
+    """The way ``mode`` takes for images of different lengths on this device type."""
+    return auto_way(device_type) if mode == "auto" else mode
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -62,17 +67,20 @@ def attend(
     packing: Packing,
     log_sizes: torch.Tensor | None,
     mode: str = "auto",
+    padded_log: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multi-head attention on packed ``(T, D)`` tokens; ``log_sizes`` ``(T,)`` float32 is
-    added to every key's scores (proportional attention; -inf masks a dead row). Returns
+    added to every key's scores (proportional attention; -inf masks a dead row). The padded
+    way takes its padded view ``padded_log`` when the caller has made it. Returns
     ``(T, D)``."""
     lengths = packing.lengths
     if packing.uniform and mode != "flex":
         return _sdpa(q, k, v, log_sizes, heads, len(lengths), lengths[0])
-    if mode == "auto":
-        mode = auto_way(q.device.type)
+    mode = way(mode, q.device.type)
     if mode == "padded":
-        return _padded(q, k, v, heads, packing, log_sizes)
+        if padded_log is None and log_sizes is not None:
+            padded_log = packing.pad(log_sizes, fill=float("-inf"))
+        return _padded(q, k, v, heads, packing, padded_log)
     if mode == "nested":
         return _nested(q, k, v, heads, packing, log_sizes)
     if mode == "flex":
@@ -111,14 +119,15 @@ def _padded(
     v: torch.Tensor,
     heads: int,
     packing: Packing,
-    log_sizes: torch.Tensor | None,
+    padded_log: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One SDPA call over the padded batch; padding masked by -inf in the bias row."""
+    """One SDPA call over the padded batch; padding masked by -inf in the bias row
+    (``padded_log``: ``(B, W)`` log sizes, -inf on padding; ``None``: sizes all 1)."""
     total, dim = q.shape
     bsz, width = len(packing.lengths), packing.width
-    if log_sizes is None:
-        log_sizes = q.new_zeros(total, dtype=torch.float32)
-    bias = packing.pad(log_sizes, fill=float("-inf")).to(q.dtype).view(bsz, 1, 1, width)
+    if padded_log is None:
+        padded_log = packing.pad(q.new_zeros(total, dtype=torch.float32), fill=float("-inf"))
+    bias = padded_log.to(q.dtype).view(bsz, 1, 1, width)
     qkv = packing.pad(torch.stack([q, k, v], 1))  # (B, W, 3, D), zeros after each image
     q, k, v = (t.view(bsz, width, heads, dim // heads).transpose(1, 2) for t in qkv.unbind(2))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

@@ -16,7 +16,7 @@ import torch
 from ..errors import DyMUError
 from ..thresholds import Thresholds
 from ..towers.base import TowerAdapter
-from .attention import attend
+from .attention import attend, way
 from .deferred import PendingLengths, compact
 from .merge import (
     NEG_INF,
@@ -83,13 +83,20 @@ def run_block(
     x, packing, prefix = tokens.x, tokens.packing, tower.num_prefix_tokens
     heads = tower.num_heads
     q, k, v = tower.qkv(block, x)
+    merges = merging is not None and packing.width - prefix >= 2
     log_sizes = None if tokens.sizes is None else tokens.sizes.log()  # dead rows: -inf
-    bias = log_sizes if prop_attn or log_sizes is None else log_sizes.clamp(max=0.0)
-    x = x + tower.attn_out(block, attend(q, k, v, heads, packing, bias, attention))
-    tokens = replace(tokens, x=x)
-    if merging is not None and packing.width - prefix >= 2:
+    padded_log = None  # the padded view (uniform: a reshape), for the padded attention and merge
+    if log_sizes is not None:
+        if merges or (not packing.uniform and way(attention, x.device.type) == "padded"):
+            padded_log = packing.pad(log_sizes, NEG_INF)
+    if not prop_attn and log_sizes is not None:  # only dead rows masked
+        log_sizes = log_sizes.clamp(max=0.0)
+        padded_log = None if padded_log is None else padded_log.clamp(max=0.0)
+    out = attend(q, k, v, heads, packing, log_sizes, attention, padded_log)
+    tokens = replace(tokens, x=x + tower.attn_out(block, out))
+    if merges:
         metric = k.unflatten(-1, (heads, -1)).mean(1, dtype=torch.float32)
-        tokens = catch_up(_merge(tokens, metric, log_sizes, merging, prefix, block), block)
+        tokens = catch_up(_merge(tokens, metric, padded_log, merging, prefix, block), block)
     return replace(tokens, x=tokens.x + tower.mlp(block, tokens.x))
 
 
@@ -107,7 +114,7 @@ def catch_up(tokens: Tokens, block: int | None = None) -> Tokens:
 def _merge(
     tokens: Tokens,
     metric: torch.Tensor,
-    log_sizes: torch.Tensor | None,
+    padded_log: torch.Tensor | None,
     merging: Merging,
     prefix: int,
     block: int,
@@ -116,10 +123,12 @@ def _merge(
     new lengths, or, deferred, at the old ones with dead rows)."""
     packing, bsz = tokens.packing, len(tokens.packing.lengths)
     sides = Sides(packing.width, prefix)
-    if log_sizes is None and not packing.uniform:  # padding must read as dead
-        log_sizes = metric.new_zeros(metric.shape[0])
-    bias = None if log_sizes is None else packing.pad(log_sizes, NEG_INF).clamp(max=0.0)
-    xs = packing.pad(with_sizes(tokens.x, tokens.sizes))  # padding: size 0
+    sizes = tokens.sizes
+    if sizes is None and not packing.uniform:  # padding must read as dead: sizes 1, then 0
+        sizes = metric.new_ones(metric.shape[0])
+        padded_log = packing.pad(sizes.log(), NEG_INF)
+    bias = None if padded_log is None else padded_log.clamp(max=0.0)
+    xs = packing.pad(with_sizes(tokens.x, sizes))  # padding: size 0
     node_max, node_idx = match(packing.pad(metric), bias, sides)
     if merging.fixed_r is not None:
         if not packing.uniform:
@@ -132,21 +141,20 @@ def _merge(
         order = order_keys(merged, bias, sides, merging.reorder_all).sort(dim=1, stable=True)[1]
         out = merge_sorted(xs, merged, node_idx, order, sides)
         lengths, host = tokens.lengths - merged.sum(-1), None
-    x, sizes = split_sizes(out, tokens.x.dtype)
     groups = tokens.groups
     if groups is not None:
         dest = destinations(order, packing.width, merged, node_idx, sides)
         groups = track(groups, dest, tokens.gaps)
     if host is None and tokens.lag is not None:  # deferred: same segments, dead rows after
         pending = (*tokens.pending, PendingLengths.start(lengths, block))
-        return replace(tokens, x=packing.pack(x), sizes=packing.pack(sizes), lengths=lengths,
-                       groups=groups, pending=pending)  # fmt: skip
+        x, sizes = split_sizes(packing.pack(out), tokens.x.dtype)
+        return replace(tokens, x=x, sizes=sizes, lengths=lengths, groups=groups, pending=pending)
     if host is None:
         host = lengths.tolist()  # the one host read of a synchronous merge
         if tuple(host) == packing.lengths and not merging.reorder_all:
             return tokens  # nothing merged, nothing moved
-    after = Packing.from_lengths(host, x.device)
-    x, sizes = (after.pack(t[:, : after.width]) for t in (x, sizes))
+    after = Packing.from_lengths(host, out.device)
+    x, sizes = split_sizes(after.pack(out[:, : after.width]), tokens.x.dtype)
     return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
 
 

@@ -20,14 +20,13 @@ small integer key per slot (:func:`order_keys`) rather than from rank arithmetic
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packing import upload
+from .packing import constant
 
 NEG_INF = float("-inf")
 # order keys: where a slot goes in its image's new order (a stable sort keeps positions)
@@ -238,48 +237,24 @@ def _categories(width: int, prefix: int, device: torch.device) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced: made on the device, in the graph
         pos = torch.arange(width, device=device)
         return torch.where(pos < prefix, PREFIX, KEPT_A + pos % 2)
-    return _uploaded_categories(width, prefix, device)
+    pos = np.arange(width)
+    return constant(np.where(pos < prefix, PREFIX, KEPT_A + pos % 2), device)
 
 
 def _sides_slots(
     sides: Sides, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Positions of the A slots, the B slots and the prefix slots, on ``device``."""
+    width = sides.width
+    ranges = [(sides.a_start, width, 2), (sides.b_start, width, 2), (0, sides.prefix, 1)]
     if torch.compiler.is_compiling():
-        return tuple(
-            torch.arange(start, stop, step, device=device)
-            for start, stop, step in _slot_ranges(sides)
-        )
-    return _uploaded_slots(sides, device)
+        return tuple(torch.arange(*r, device=device) for r in ranges)
+    parts = [np.arange(*r) for r in ranges]
+    return constant(np.concatenate(parts), device).split([len(p) for p in parts])
 
 
 def _positions(count: int, device: torch.device) -> torch.Tensor:
     """``arange(count)`` on ``device``."""
     if torch.compiler.is_compiling():
         return torch.arange(count, device=device)
-    return _uploaded_positions(count, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _uploaded_positions(count: int, device: torch.device) -> torch.Tensor:
-    return upload(np.arange(count), device)
-
-
-@functools.lru_cache(maxsize=256)
-def _uploaded_categories(width: int, prefix: int, device: torch.device) -> torch.Tensor:
-    """:func:`_categories`, made once per shape on the host and copied without blocking."""
-    pos = np.arange(width)
-    return upload(np.where(pos < prefix, PREFIX, KEPT_A + pos % 2), device)
-
-
-@functools.lru_cache(maxsize=256)
-def _uploaded_slots(
-    sides: Sides, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_sides_slots`, made once per shape on the host and copied without blocking."""
-    parts = [np.arange(*r) for r in _slot_ranges(sides)]
-    return upload(np.concatenate(parts), device).split([len(p) for p in parts])
-
-
-def _slot_ranges(sides: Sides) -> list[tuple[int, int, int]]:
-    return [(sides.a_start, sides.width, 2), (sides.b_start, sides.width, 2), (0, sides.prefix, 1)]
+    return constant(np.arange(count), device)

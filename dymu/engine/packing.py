@@ -7,10 +7,19 @@ every image has the same length (fixed r, nothing merged yet, batch 1).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+# torch's jagged <-> padded kernels (one launch each; forward only): used where available
+_JAGGED = tuple(
+    getattr(torch.ops.aten, name)
+    for name in ("_jagged_to_padded_dense_forward", "_padded_dense_to_jagged_forward")
+    if hasattr(torch.ops.aten, name)
+)
+_JAGGED = _JAGGED if len(_JAGGED) == 2 else ()
 
 
 @dataclass(frozen=True)
@@ -26,7 +35,8 @@ class Packing:
 
     lengths: tuple[int, ...]
     device: torch.device
-    index: torch.Tensor | None  # batch, pos, offsets, counts, concatenated (None when uniform)
+    # batch, pos, offsets, counts, bounds, concatenated (None when uniform)
+    index: torch.Tensor | None
 
     @classmethod
     def from_lengths(cls, lengths: list[int], device: torch.device) -> Packing:
@@ -39,7 +49,7 @@ class Packing:
         if index is None:  # uniform: only the flex way and dead-row merges ask, made on the spot
             index = _packing_index(self.lengths, self.device)
         total, bsz = sum(self.lengths), len(self.lengths)
-        return index.split([total, total, bsz, bsz])[which]
+        return index.split([total, total, bsz, bsz, bsz + 1])[which]
 
     @property
     def batch(self) -> torch.Tensor:
@@ -62,6 +72,11 @@ class Packing:
         return self._part(3)
 
     @property
+    def bounds(self) -> torch.Tensor:
+        """``(B + 1,)`` where every image's tokens start, then ``T``: jagged offsets."""
+        return self._part(4)
+
+    @property
     def width(self) -> int:
         return max(self.lengths)
 
@@ -75,6 +90,8 @@ class Packing:
         shape = (len(self.lengths), self.width, *packed.shape[1:])
         if self.uniform:
             return packed.reshape(shape)
+        if _JAGGED and not packed.requires_grad:  # one kernel
+            return _JAGGED[0](packed, [self.bounds], [self.width], fill)
         out = packed.new_full(shape, fill)
         out[self.batch, self.pos] = packed
         return out
@@ -83,6 +100,8 @@ class Packing:
         """``(B, width, ...)`` -> ``(T, ...)``: each image's real tokens (inverse of ``pad``)."""
         if self.uniform:
             return padded.reshape(-1, *padded.shape[2:])
+        if _JAGGED and not padded.requires_grad:
+            return _JAGGED[1](padded, [self.bounds], sum(self.lengths))
         return padded[self.batch, self.pos]
 
 
@@ -94,7 +113,8 @@ def _packing_index(lengths: tuple[int, ...], device: torch.device) -> torch.Tens
     offsets = np.cumsum(counts) - counts
     batch = np.repeat(np.arange(len(counts)), counts)
     pos = np.arange(len(batch)) - offsets[batch]
-    return upload(np.concatenate([batch, pos, offsets, counts]), device)
+    bounds = np.append(offsets, len(batch))
+    return upload(np.concatenate([batch, pos, offsets, counts, bounds]), device)
 
 
 def upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -103,3 +123,16 @@ def upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
+
+
+def constant(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on ``device``, copied once per value (cached) without blocking;
+    under ``torch.compile`` made in the graph instead. Callers must not write to it."""
+    if torch.compiler.is_compiling():
+        return torch.as_tensor(host, device=device)
+    return _cached(host.tobytes(), str(host.dtype), host.shape, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(data: bytes, dtype: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return upload(np.frombuffer(data, dtype=dtype).reshape(shape).copy(), device)

@@ -198,7 +198,9 @@ def _encode(vlm: nn.Module, kwargs: dict) -> dict:
         consumed.update(call)
         outputs[modality], out = _run_vision(vlm, state.encoder, method, call)
         if state.vtu:
-            num_keys = first_key + int(out.lengths.sum())  # keys of this and earlier calls
+            # keys of this and earlier calls (the host knows the lengths after the forward)
+            host = out.host_lengths
+            num_keys = first_key + (sum(host) if host is not None else int(out.lengths.sum()))
             trace = (out, first_key, num_keys)
             traced, _ = _run_vision(vlm, state.encoder, method, call, trace=trace)
             first_key = num_keys
@@ -255,7 +257,8 @@ def _run_vision(
             )
         if trace is not None:
             width = vlm.config.text_config.hidden_size
-            return marker_rows(out.groups, out.lengths, width, *trace[1:])
+            lengths = out.lengths if out.host_lengths is None else out.host_lengths
+            return marker_rows(out.groups, lengths, width, *trace[1:])
         return expand_groups(project(out.tokens), out.groups)
 
     with temporarily(vlm.vision_tower, "forward", tower_forward):
@@ -266,6 +269,8 @@ def _run_vision(
 
 def _sequence_rows(features) -> torch.Tensor:
     """The feature rows in the order the model scatters them into its placeholder tokens."""
+    if isinstance(features, (list, tuple)) and len(features) == 1:
+        features = features[0]
     if isinstance(features, (list, tuple)):
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     return features.reshape(-1, features.shape[-1])

@@ -14,8 +14,12 @@ own. :func:`slot_mapping` turns the keys of a whole sequence into the VTU mappin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 
+from ..engine.packing import constant
 from ..errors import DyMUError
 
 # A merged token's key k is written in base-8 digits d_i; each digit takes two channels,
@@ -38,7 +42,7 @@ def num_digits(num_keys: int) -> int:
 
 def marker_rows(
     groups: torch.Tensor,
-    lengths: torch.Tensor,
+    lengths: torch.Tensor | Sequence[int],
     dim: int,
     first_key: int = 0,
     num_keys: int | None = None,
@@ -46,16 +50,22 @@ def marker_rows(
     """``(C, P, dim)`` float32 rows standing in for the features of ``C`` crops or frames.
 
     ``groups (C, P)`` gives each patch's merged token within its crop (``-1``: none) and
-    ``lengths (C,)`` the merged tokens per crop. Merged token ``g`` of crop ``c`` gets key
+    ``lengths (C,)`` the merged tokens per crop (on the device, or the host's copy: then the
+    keys' offsets cost the device nothing). Merged token ``g`` of crop ``c`` gets key
     ``first_key + sum(lengths[:c]) + g``: every merged token of the batch has its own key.
     A patch without a token gets a row that reads as ``-1``. ``num_keys`` is
     ``first_key + sum(lengths)``, read from the device here unless the caller knows it.
     """
     crops, patches = groups.shape
-    first = (lengths.cumsum(0) - lengths).to(groups.device) + first_key
+    if torch.is_tensor(lengths):
+        first = (lengths.cumsum(0) - lengths).to(groups.device) + first_key
+        if num_keys is None:  # what read_markers is given: same digits
+            num_keys = first_key + int(lengths.sum())
+    else:
+        host = np.asarray(lengths, dtype=np.int64)
+        first = constant(np.cumsum(host) - host + first_key, groups.device)
+        num_keys = first_key + int(host.sum()) if num_keys is None else num_keys
     keys = first[:, None] + groups  # (C, P)
-    if num_keys is None:  # what read_markers is given: same digits
-        num_keys = first_key + int(lengths.sum())
     digits = num_digits(num_keys)
     if dim < 2 * digits + MIN_TAG_CHANNELS:
         raise DyMUError(
@@ -63,14 +73,10 @@ def marker_rows(
             f"tokens (need {2 * digits + MIN_TAG_CHANNELS} channels)"
         )
     rows = torch.full((crops, patches, dim), TAG, device=groups.device)
-    rest = keys.clamp(min=0)
-    for i in range(digits):  # least significant digit first
-        digit = (rest % BASE).float()
-        rows[..., 2 * i] = digit
-        rows[..., 2 * i + 1] = digit * digit
-        rest = rest // BASE
-    rows[groups < 0] = 0.0  # not a marker: no TAG channels
-    return rows
+    # all digits at once, least significant first: (C, P, digits), then [d, d^2] per digit
+    digit = (keys.clamp(min=0)[..., None] // _powers(digits, groups.device) % BASE).float()
+    rows[..., : 2 * digits] = torch.stack([digit, digit * digit], -1).flatten(-2)
+    return rows.masked_fill_((groups < 0)[..., None], 0.0)  # not a marker: no TAG channels
 
 
 def read_markers(rows: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -81,12 +87,18 @@ def read_markers(rows: torch.Tensor, num_keys: int) -> torch.Tensor:
     digits = num_digits(max(num_keys, 1))
     rows = rows.float()
     tagged = ((rows[..., 2 * digits :] - TAG).abs() < _TOL).all(-1)
-    value, square = rows[..., 0 : 2 * digits : 2], rows[..., 1 : 2 * digits : 2]
+    pairs = rows[..., : 2 * digits].unflatten(-1, (digits, 2))
+    value, square = pairs[..., 0], pairs[..., 1]
     whole = value.round()
-    pure = ((value - whole).abs() < _TOL).all(-1) & ((square - value * value).abs() < _TOL).all(-1)
-    weights = BASE ** torch.arange(digits, device=rows.device)
-    keys = (whole.long() * weights).sum(-1)
-    return torch.where(tagged & pure, keys, -1)
+    # a pure row: whole digits whose squares match (a blend of two keys fails one or the other)
+    error = torch.stack([value - whole, square - value * value]).abs().amax((0, -1))
+    keys = (whole.long() * _powers(digits, rows.device)).sum(-1)
+    return torch.where(tagged & (error < _TOL), keys, -1)
+
+
+def _powers(digits: int, device: torch.device) -> torch.Tensor:
+    """``BASE ** [0, 1, ..., digits - 1]``."""
+    return constant(BASE ** np.arange(digits, dtype=np.int64), device)
 
 
 def place_keys(mask: torch.Tensor, keys: torch.Tensor, what: str = "image") -> torch.Tensor:
@@ -102,7 +114,7 @@ def place_keys(mask: torch.Tensor, keys: torch.Tensor, what: str = "image") -> t
     # the i-th set position (row-major) takes keys[i]: its rank among set positions is the
     # running count of the mask minus one (no boolean indexing, so no read of its size)
     flat = mask.reshape(-1)
-    rank = (flat.long().cumsum(0) - 1).clamp(min=0)
+    rank = (flat.cumsum(0) - 1).clamp(min=0)  # a bool cumsum counts in int64
     placed = keys.to(mask.device).reshape(-1).long()[rank]
     return torch.where(flat, placed, -1).view(mask.shape)
 
@@ -116,20 +128,19 @@ def slot_mapping(keys: torch.Tensor, num_keys: int | None = None) -> torch.Tenso
     device unless given; nothing else reads the device.
     """
     bsz, n = keys.shape
-    positions = torch.arange(n, device=keys.device).expand(bsz, n)
+    positions = constant(np.arange(n), keys.device).expand(bsz, n)
     if num_keys is None:
         num_keys = int(keys.max()) + 1 if keys.numel() else 0
     # first position holding each key, per row: keys are offset per row so rows never
     # collide, and positions without a key go to one spare bucket at the end
     keyed = (keys >= 0) & (keys < num_keys)
     spare = bsz * num_keys
-    row_offset = torch.arange(bsz, device=keys.device)[:, None] * num_keys
+    row_offset = constant(np.arange(bsz)[:, None] * num_keys, keys.device)
     flat = torch.where(keyed, keys + row_offset, spare)
     first = torch.full((spare + 1,), n, device=keys.device, dtype=torch.long)
     first.scatter_reduce_(0, flat.reshape(-1), positions.reshape(-1), reduce="amin")
     # each position's representative: itself, or the first position of its key
     rep = torch.where(keyed, first[flat], positions)
     # representatives are the positions that are their own; count them to number the slots
-    starts = (rep == positions).long()
-    slot_of = starts.cumsum(1) - 1
+    slot_of = (rep == positions).cumsum(1) - 1  # a bool cumsum counts in int64
     return slot_of.gather(1, rep)

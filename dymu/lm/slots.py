@@ -4,8 +4,8 @@ A VTU mapping ``(B, N)`` gives every full position its merged slot within its sa
 language model runs its norms, projections and MLPs on the batch's slots packed together:
 ``S = sum(M_i)`` rows, never ``B x max(M_i)``, so a sample that keeps many slots costs the
 others nothing. :class:`SlotPlan` is computed once per forward, before the first layer: the
-packed row of every full position and how many positions share each row. Every attention
-then gathers rows to full positions with one index and averages back with one scatter-add.
+packed row of every full position. Every attention then gathers rows to full positions with
+one index and averages back with one mean reduction (``index_reduce_``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ import torch
 @dataclass(frozen=True)
 class SlotPlan:
     """A prefill's mapping, packed: ``rows (B*N,)`` is the packed row of every full position
-    (sample ``b``'s slot ``m`` sits at ``offset_b + m``), ``counts (S, 1)`` how many
-    positions share each row (at least 1), ``total`` is ``S``."""
+    (sample ``b``'s slot ``m`` sits at ``offset_b + m``), ``total`` is ``S``."""
 
     mapping: torch.Tensor
     rows: torch.Tensor
-    counts: torch.Tensor
     total: int
 
     @classmethod
@@ -34,18 +32,13 @@ class SlotPlan:
         slots = mapping.amax(dim=1) + 1
         offsets = slots.cumsum(0) - slots
         rows = (mapping + offsets[:, None]).reshape(-1)
-        total = int(slots.sum())
-        ones = torch.ones(rows.shape[0], device=rows.device, dtype=torch.float32)
-        counts = torch.zeros(total, device=rows.device, dtype=torch.float32)
-        counts = counts.index_add_(0, rows, ones).clamp_(min=1)[:, None]
-        return cls(mapping, rows, counts, total)
+        return cls(mapping, rows, int(slots.sum()))
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SlotPlan:
         """The plan on ``device`` (accelerate's hooks call this when a model is split over
         several GPUs and the layers' inputs are moved to each layer's device)."""
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return replace(self, mapping=move(self.mapping), rows=move(self.rows),
-                       counts=move(self.counts))  # fmt: skip
+        return replace(self, mapping=move(self.mapping), rows=move(self.rows))
 
     @property
     def shape(self) -> torch.Size:
@@ -55,11 +48,11 @@ class SlotPlan:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, N, C)`` at full positions -> ``(S, C)``: the mean of each slot's positions,
         accumulated in float32."""
-        plan = self if self.rows.device == x.device else self.to(x.device)
-        flat = x.reshape(-1, x.shape[-1])
-        acc = torch.zeros(self.total, flat.shape[1], device=x.device, dtype=torch.float32)
-        acc.index_add_(0, plan.rows, flat.float())
-        return (acc / plan.counts).to(x.dtype)
+        rows = self.rows if self.rows.device == x.device else self.rows.to(x.device)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        # every row the mapping names gets a mean; a row no position names is never read
+        acc = flat.new_empty(self.total, flat.shape[1])
+        return acc.index_reduce_(0, rows, flat, "mean", include_self=False).to(x.dtype)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``(S, ...)`` -> ``(B, N, ...)``: every full position gets its slot's row."""

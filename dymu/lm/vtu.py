@@ -107,6 +107,8 @@ def is_vtu_applied(model: nn.Module) -> bool:
 def expand_groups(x: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
     """``x (B, slots, ...)`` -> ``(B, N, ...)``: every position gets its slot's row."""
     bsz, slots = x.shape[:2]
+    if x.dim() == 3:  # one gather
+        return x.gather(1, mapping[..., None].expand(-1, -1, x.shape[2]))
     rows = x.reshape(bsz * slots, *x.shape[2:]).index_select(0, _flat_index(mapping, slots))
     return rows.view(bsz, mapping.shape[1], *x.shape[2:])
 
