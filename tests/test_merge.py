@@ -6,11 +6,12 @@ import torch
 
 from dymu.engine.merge import (
     Sides,
+    add_merged,
     batch_rule,
     destinations,
+    lay_out,
     match,
     merge_fixed_r,
-    merge_sorted,
     order_keys,
     split_sizes,
     threshold_rule,
@@ -35,7 +36,7 @@ def merge(x, sizes, merged, node_idx, prefix=0, reorder_all=False, bias=None):
     """The engine's threshold merge of padded ``x (B, W, D)``: new x, sizes, destinations."""
     sides = Sides(x.shape[1], prefix)
     order = order_keys(merged, bias, sides, reorder_all).sort(dim=1, stable=True)[1]
-    out = merge_sorted(with_sizes(x, sizes), merged, node_idx, order, sides)
+    out = lay_out(add_merged(with_sizes(x, sizes), merged, node_idx, sides), order)
     new_x, new_sizes = split_sizes(out, x.dtype)
     return new_x, new_sizes, destinations(order, x.shape[1], merged, node_idx, sides)
 
@@ -193,6 +194,19 @@ def test_fixed_r_takes_tomes_order():
     node_max = torch.tensor([[0.2, 0.3, 0.9]])
     out, order, _ = merge_fixed_r(with_sizes(x, None), node_max, node_idx[:, :3], 1, Sides(8, 1))
     assert order[0].tolist() == [0, 2, 4, 1, 3, 5, 7]
+
+
+def test_laying_out_into_a_packing_takes_each_images_first_new_slots():
+    # two images of 5 and 3 live slots in a padded view of 5; each keeps its first 4 / 2
+    # new slots, packed: what the padded layout would give, then packed
+    from dymu.engine.packing import Packing
+
+    xs = torch.arange(10.0).view(2, 5, 1)
+    order = torch.tensor([[4, 0, 1, 3, 2], [2, 0, 1, 3, 4]])
+    packed = lay_out(xs, order, Packing.from_lengths([4, 2], xs.device))
+    assert packed[:, 0].tolist() == [4, 0, 1, 3, 7, 5]
+    padded = lay_out(xs, order)
+    assert torch.equal(padded[0, :4], packed[:4]) and torch.equal(padded[1, :2], packed[4:])
 
 
 def test_padded_input_patches_keep_group_minus_one():

@@ -178,3 +178,31 @@ def test_vtu_adds_two_host_reads_to_a_llava_prefill(photos):
         return count.host_reads
 
     assert prefill_reads(True) - prefill_reads(False) == 2
+
+
+def test_a_decode_step_after_a_vtu_prefill_costs_what_vanilla_costs():
+    """After a VTU prefill, decoding runs the unpatched code on the full-length cache: a
+    decode step dispatches the same ops and reads the host as often as the plain model's."""
+    from conftest import TINY_LM
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    embeds = torch.randn(2, 24, TINY_LM["hidden_size"])
+    mapping = torch.stack([torch.arange(24) * k // 24 for k in (20, 5)])
+
+    def decode_step(vtu: bool) -> overhead.Count:
+        torch.manual_seed(0)
+        lm = LlamaForCausalLM(LlamaConfig(**TINY_LM)).eval()
+        extra = {}
+        if vtu:
+            dymu.apply_vtu(lm)
+            extra = {"vtu_mapping": mapping}
+        with torch.inference_mode():
+            out = lm(inputs_embeds=embeds, use_cache=True, **extra)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        assert cache.get_seq_length() == 24  # the prefill cached every full position
+        step = lambda: lm(input_ids=token, past_key_values=cache, use_cache=True)  # noqa: E731
+        return overhead.count_forward(step, lm, token)
+
+    plain, vtu = decode_step(False), decode_step(True)
+    assert plain.ops > 0 and vtu.ops == plain.ops, (vtu.ops_by_name, plain.ops_by_name)
+    assert vtu.host_reads == plain.host_reads and vtu.uploads == plain.uploads

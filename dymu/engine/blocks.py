@@ -21,10 +21,11 @@ from .deferred import PendingLengths, compact
 from .merge import (
     NEG_INF,
     Sides,
+    add_merged,
     destinations,
+    lay_out,
     match,
     merge_fixed_r,
-    merge_sorted,
     order_keys,
     split_sizes,
     threshold_rule,
@@ -139,7 +140,7 @@ def _merge(
     else:
         merged = merging.rule(node_max, tokens.lengths, packing.width)
         order = order_keys(merged, bias, sides, merging.reorder_all).sort(dim=1, stable=True)[1]
-        out = merge_sorted(xs, merged, node_idx, order, sides)
+        add_merged(xs, merged, node_idx, sides)
         lengths, host = tokens.lengths - merged.sum(-1), None
     groups = tokens.groups
     if groups is not None:
@@ -147,14 +148,16 @@ def _merge(
         groups = track(groups, dest, tokens.gaps)
     if host is None and tokens.lag is not None:  # deferred: same segments, dead rows after
         pending = (*tokens.pending, PendingLengths.start(lengths, block))
-        x, sizes = split_sizes(packing.pack(out), tokens.x.dtype)
+        x, sizes = split_sizes(lay_out(xs, order, packing), tokens.x.dtype)
         return replace(tokens, x=x, sizes=sizes, lengths=lengths, groups=groups, pending=pending)
     if host is None:
         host = lengths.tolist()  # the one host read of a synchronous merge
         if tuple(host) == packing.lengths and not merging.reorder_all:
             return tokens  # nothing merged, nothing moved
-    after = Packing.from_lengths(host, out.device)
-    x, sizes = split_sizes(after.pack(out[:, : after.width]), tokens.x.dtype)
+    after = Packing.from_lengths(host, xs.device)
+    fixed = merging.fixed_r is not None
+    laid = after.pack(out[:, : after.width]) if fixed else lay_out(xs, order, after)
+    x, sizes = split_sizes(laid, tokens.x.dtype)
     return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
 
 

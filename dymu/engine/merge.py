@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .packing import constant
+from .packing import Packing, constant
 
 NEG_INF = float("-inf")
 # order keys: where a slot goes in its image's new order (a stable sort keeps positions)
@@ -120,10 +120,21 @@ def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, t
 
 def with_sizes(x: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
     """``[x * size, size]`` float32, one channel more than ``x``: what a merge sums (sizes
-    ``None``: all ones)."""
-    if sizes is None:  # cat promotes x to float32
-        return torch.cat([x, x.new_ones((*x.shape[:-1], 1), dtype=torch.float32)], -1)
-    return torch.cat([x * sizes[..., None], sizes[..., None]], -1)
+    ``None``: all ones). Written in one pass where nothing needs gradients (``out=`` has
+    none) and outside ``torch.compile`` (which takes no strided ``out=``)."""
+    grads = x.requires_grad or (sizes is not None and sizes.requires_grad)
+    if grads or torch.compiler.is_compiling():
+        if sizes is None:
+            sizes = x.new_ones(x.shape[:-1], dtype=torch.float32)
+        return torch.cat([x * sizes[..., None], sizes[..., None]], -1)
+    out = x.new_empty((*x.shape[:-1], x.shape[-1] + 1), dtype=torch.float32)
+    if sizes is None:
+        out[..., :-1] = x
+        out[..., -1] = 1.0
+    else:
+        torch.mul(x, sizes[..., None], out=out[..., :-1])
+        out[..., -1] = sizes
+    return out
 
 
 def order_keys(
@@ -146,22 +157,30 @@ def order_keys(
     return key if bias is None else key - bias  # dead slots: +inf
 
 
-def merge_sorted(
-    xs: torch.Tensor,
-    merged: torch.Tensor,
-    node_idx: torch.Tensor,
-    order: torch.Tensor,
-    sides: Sides,
+def add_merged(
+    xs: torch.Tensor, merged: torch.Tensor, node_idx: torch.Tensor, sides: Sides
 ) -> torch.Tensor:
-    """Threshold / batch-rule merge: ``xs (B, W, D + 1)`` from :func:`with_sizes` (modified in
-    place), merged A tokens added into their B partner, then every image laid out in
-    ``order (B, W)`` (slot i takes old slot ``order[i]``). Merged A tokens end dead (size 0).
-    Returns the new ``[x * size, size]``; :func:`split_sizes` divides."""
+    """Threshold / batch-rule merge, in place: ``xs (B, W, D + 1)`` from :func:`with_sizes`,
+    every merged A token added into its B partner and left dead (size 0). Returns ``xs``;
+    :func:`lay_out` then puts every image in its new order and :func:`split_sizes` divides."""
     dim = xs.shape[-1]
     into = node_idx[..., None].expand(-1, -1, dim)
     sides.b(xs).scatter_add_(1, into, sides.a(xs) * merged[..., None])
     sides.a(xs)[..., -1].masked_fill_(merged, 0.0)  # merged away: size 0, a dead row
-    return xs.gather(1, order[..., None].expand(-1, -1, dim))
+    return xs
+
+
+def lay_out(xs: torch.Tensor, order: torch.Tensor, into: Packing | None = None) -> torch.Tensor:
+    """Every image's slots in ``order (B, W)`` (slot i takes old slot ``order[i]``): padded
+    ``(B, W, C)``, or packed by ``into`` (the first ``into.lengths[b]`` new slots of image
+    ``b``), which then takes one row gather instead of a padded copy and a pack."""
+    dim = xs.shape[-1]
+    bsz, width = order.shape
+    if into is None or (into.uniform and into.width == width):
+        out = xs.gather(1, order[..., None].expand(-1, -1, dim))
+        return out if into is None else into.pack(out)
+    rows = order + constant(np.arange(bsz)[:, None] * width, order.device)  # rows of xs, flat
+    return xs.reshape(-1, dim).index_select(0, into.pack(rows[:, : into.width]))
 
 
 def merge_fixed_r(
