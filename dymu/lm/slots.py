@@ -10,9 +10,13 @@ one index and averages back with one mean reduction (``index_reduce_``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
+
+# index_reduce_ says once per process that its API is in beta; dymu pins what it calls
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", category=UserWarning)
 
 
 @dataclass(frozen=True)
