@@ -90,8 +90,9 @@ class Packing:
         shape = (len(self.lengths), self.width, *packed.shape[1:])
         if self.uniform:
             return packed.reshape(shape)
-        if _JAGGED and not packed.requires_grad:  # one kernel
-            return _JAGGED[0](packed, [self.bounds], [self.width], fill)
+        if _JAGGED and not packed.requires_grad:  # one kernel, on 2-d values as it requires
+            values = packed.reshape(packed.shape[0], -1)
+            return _JAGGED[0](values, [self.bounds], [self.width], fill).view(shape)
         out = packed.new_full(shape, fill)
         out[self.batch, self.pos] = packed
         return out
@@ -100,8 +101,10 @@ class Packing:
         """``(B, width, ...)`` -> ``(T, ...)``: each image's real tokens (inverse of ``pad``)."""
         if self.uniform:
             return padded.reshape(-1, *padded.shape[2:])
-        if _JAGGED and not padded.requires_grad:
-            return _JAGGED[1](padded, [self.bounds], sum(self.lengths))
+        if _JAGGED and not padded.requires_grad:  # one kernel, on a contiguous (B, W, F)
+            dense = padded.reshape(*padded.shape[:2], -1).contiguous()
+            total = sum(self.lengths)
+            return _JAGGED[1](dense, [self.bounds], total).view(total, *padded.shape[2:])
         return padded[self.batch, self.pos]
 
 
