@@ -172,12 +172,14 @@ def _encode_batch(
         for i in good:
             results[i] = _encode_batch(encoder, [paths[i]], args, pictures)[0]
         return results
-    lengths = out.lengths.tolist()
+    # the host's copy of the lengths; per-block counts read once per batch when asked for
+    lengths = out.host_lengths if out.host_lengths is not None else out.lengths.tolist()
+    per_block = out.block_lengths.tolist() if args.per_block else None
     for index, i in enumerate(good):
         length = lengths[index]
         line = f"{length:>4} tokens"
-        if args.per_block:
-            line += "  per block: " + " ".join(map(str, out.block_lengths[index].tolist()))
+        if per_block is not None:
+            line += "  per block: " + " ".join(map(str, per_block[index]))
         try:
             if pictures is not None:
                 picture = _show(pictures[paths[i]], paths[i], inputs, out, encoder, index)

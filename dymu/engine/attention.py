@@ -155,7 +155,7 @@ def _nested(
         log_size = log_sizes.to(k.dtype).view(total, 1, 1).expand(total, heads, 1)
         k = torch.cat([k, log_size, pad], -1)
         v = torch.cat([v, pad, pad[..., :1]], -1)
-    offsets = F.pad(packing.offsets, (0, 1), value=total)  # (B + 1,), made on the device
+    offsets = packing.bounds  # (B + 1,), made on the host with the packing
     nested = [
         torch.nested.nested_tensor_from_jagged(
             t, offsets, min_seqlen=min(lengths), max_seqlen=max(lengths)

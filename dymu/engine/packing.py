@@ -46,7 +46,7 @@ class Packing:
 
     def _part(self, which: int) -> torch.Tensor:
         index = self.index
-        if index is None:  # uniform: only the flex way and dead-row merges ask, made on the spot
+        if index is None:  # uniform: only the flex way asks (pad and pack reshape), made here
             index = _packing_index(self.lengths, self.device)
         total, bsz = sum(self.lengths), len(self.lengths)
         return index.split([total, total, bsz, bsz, bsz + 1])[which]
