@@ -26,12 +26,14 @@ _LAZY = {
     "EncoderOutput": "encoder.model",
     "DyMUError": "errors",
     "Thresholds": "thresholds",
+    "apply": "integrations.dispatch",
     "apply_tome": "encoder.tome",
     "apply_vtu": "lm.vtu",
     "build_encoder": "encoder.factory",
     "find_thresholds": "calibration.loop",
     "load_encoder": "encoder.factory",
     "make_schedule": "engine.schedule",
+    "remove": "integrations.dispatch",
     "remove_tome": "encoder.tome",
     "remove_vtu": "lm.vtu",
     "resolve_name": "encoder.names",
@@ -43,12 +45,14 @@ __all__ = [
     "EncoderOutput",
     "Thresholds",
     "__version__",
+    "apply",
     "apply_tome",
     "apply_vtu",
     "build_encoder",
     "find_thresholds",
     "load_encoder",
     "make_schedule",
+    "remove",
     "remove_tome",
     "remove_vtu",
     "resolve_name",
@@ -62,6 +66,7 @@ if TYPE_CHECKING:
     from .encoder.tome import apply_tome, remove_tome
     from .engine.schedule import make_schedule
     from .errors import DyMUError
+    from .integrations.dispatch import apply, remove
     from .lm.vtu import apply_vtu, remove_vtu
     from .thresholds import Thresholds
 

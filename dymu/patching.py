@@ -8,6 +8,7 @@ by :func:`unpatch`; the patch itself reaches it through :func:`call_prior`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -59,3 +60,14 @@ def temporarily(obj: Any, name: str, func: Callable) -> Iterator[None]:
             obj.__dict__[name] = before
         else:
             obj.__dict__.pop(name, None)
+
+
+def named_arguments(func: Callable, obj: Any, args: tuple, kwargs: dict) -> dict:
+    """Every argument of a call ``func(obj, *args, **kwargs)`` (``func`` a method of ``obj``'s
+    class) by name, so a patched method can read and change them whatever the caller's style."""
+    if not args:
+        return dict(kwargs)
+    bound = inspect.signature(func).bind_partial(obj, *args, **kwargs).arguments
+    named = {k: v for k, v in bound.items() if k != "self"}
+    named.update(named.pop("kwargs", {}))
+    return named

@@ -34,15 +34,18 @@ def _causal_mask(config, embeds, attention_mask, position_ids):
     )
 
 
-def naive_logits(base, lm_head, embeds, mapping, attention_mask):
+def naive_logits(base, lm_head, embeds, mapping, attention_mask, rope_positions=None):
     """Expand to full length, run the unpatched attention, average per group; loops only.
 
-    ``base`` is the decoder (``model.model`` of a ``*ForCausalLM``), ``lm_head`` its head.
+    ``base`` is the decoder (``model.model`` of a ``*ForCausalLM``), ``lm_head`` its head;
+    ``rope_positions``: what its rotary embedding takes when not ``arange(N)`` (Qwen-VL's
+    3D positions ``(3, B, N)``, as the model computed them).
     """
     bsz, n, _ = embeds.shape
     slots = int(mapping.max()) + 1
     position_ids = torch.arange(n)[None]
-    pos = base.rotary_emb(embeds, position_ids=position_ids)
+    rope = position_ids if rope_positions is None else rope_positions
+    pos = base.rotary_emb(embeds, position_ids=rope)
     mask = _causal_mask(base.config, embeds, attention_mask, position_ids)
 
     def per_sample_mean(x):  # (B, N, C) -> (B, slots, C)

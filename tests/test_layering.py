@@ -82,9 +82,7 @@ def test_every_module_belongs_to_a_declared_stage():
 
 @pytest.mark.parametrize("module", sorted(set(MODULES) - ABOVE_ALL))
 def test_no_stage_imports_a_higher_one(module):
-    upward = [
-        t for t in GRAPH[module] if t not in ABOVE_ALL and stage(t) > stage(module)
-    ]
+    upward = [t for t in GRAPH[module] if t not in ABOVE_ALL and stage(t) > stage(module)]
     assert not upward, f"{module} ({STAGES[stage(module)]}) imports higher stages: {upward}"
 
 
@@ -118,12 +116,15 @@ def test_a_loop_or_an_upward_import_would_be_caught():
     assert stage("dymu.cli.find") > stage("dymu.calibration.job") > stage("dymu.errors")
 
 
-@pytest.mark.parametrize("old, new", [
-    ("dymu.vtu", "dymu.lm.vtu"),
-    ("dymu.job", "dymu.calibration.job"),
-    ("dymu.adapters.base", "dymu.towers.base"),
-    ("dymu.data", "dymu.sources.stream"),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("dymu.vtu", "dymu.lm.vtu"),
+        ("dymu.job", "dymu.calibration.job"),
+        ("dymu.adapters.base", "dymu.towers.base"),
+        ("dymu.data", "dymu.sources.stream"),
+    ],
+)
 def test_old_module_paths_are_the_new_modules(old, new):
     assert importlib.import_module(old) is importlib.import_module(new)
 

@@ -278,7 +278,11 @@ def test_a_refused_model_fails_the_run_under_debug_verbosity(built):
     args += ["--model_args", f"pretrained={root}/model,device_map=cpu,vtu=True"]
     quiet = subprocess.run(args, capture_output=True, text=True, env=env, cwd=root, timeout=300)
     loud = subprocess.run(
-        [*args, "--verbosity", "DEBUG"], capture_output=True, text=True, env=env, cwd=root,
+        [*args, "--verbosity", "DEBUG"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
         timeout=300,
     )
     assert quiet.returncode == 0  # lmms-eval's own behaviour, documented in the README

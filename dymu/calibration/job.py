@@ -37,6 +37,7 @@ from .loop import CalibrationState, TokenStats, calibrate_batches, thresholds_fr
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class CalibrationResult:
     thresholds: Thresholds

@@ -29,12 +29,12 @@ from ..engine.schedule import ToMeR, make_schedule, tome_schedule
 from ..errors import DyMUError
 from ..lm.layouts import marker_rows, place_keys, read_markers, slot_mapping
 from ..lm.vtu import apply_vtu, expand_groups, patch_forward_with_mapping, remove_vtu
-from ..patching import call_prior, patch, temporarily, unpatch
+from ..patching import call_prior, named_arguments, patch, temporarily, unpatch
 from ..thresholds import Thresholds
 from ..towers import adapt
 
 _STATE = "_dymu_llava"
-_CLASSES = {  # outer class -> its inner model class, in transformers
+CLASSES = {  # outer class -> its inner model class, in transformers
     "LlavaForConditionalGeneration": "LlavaModel",
     "LlavaNextForConditionalGeneration": "LlavaNextModel",
     "LlavaOnevisionForConditionalGeneration": "LlavaOnevisionModel",
@@ -154,7 +154,7 @@ def _feature_method(method: str):
     def features(self: nn.Module, *args, **kwargs):
         """The model's own feature method, with DyMU's encoder in place of the tower."""
         state: _State = self.__dict__[_STATE]
-        call = _named(getattr(type(self), method), self, args, kwargs)
+        call = named_arguments(getattr(type(self), method), self, args, kwargs)
         _check_feature_choice(state.encoder, call)
         return _run_vision(self, state.encoder, method, call)[0]
 
@@ -164,7 +164,7 @@ def _feature_method(method: str):
 
 def _forward(self: nn.Module, *args, **kwargs):
     """The model's forward, encoding with DyMU first (and passing the VTU mapping)."""
-    kwargs = _named(type(self).forward, self, args, kwargs)
+    kwargs = named_arguments(type(self).forward, self, args, kwargs)
     if any(kwargs.get(arg) is not None for arg, _, _ in _MODALITIES.values()):
         kwargs = _encode(self, kwargs)
     return call_prior(self, "forward", **kwargs)
@@ -276,16 +276,6 @@ def _sequence_rows(features) -> torch.Tensor:
     return features.reshape(-1, features.shape[-1])
 
 
-def _named(func, vlm: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """Every argument of a call of ``func`` (a method of ``vlm``'s class) by name."""
-    if not args:
-        return dict(kwargs)
-    bound = inspect.signature(func).bind_partial(vlm, *args, **kwargs).arguments
-    named = {k: v for k, v in bound.items() if k != "self"}
-    named.update(named.pop("kwargs", {}))
-    return named
-
-
 def _method_kwargs(vlm: nn.Module, method: str, pixels: torch.Tensor, kwargs: dict) -> dict:
     """Arguments for the feature method: the pixels, and what the forward call gave that the
     method takes (image sizes, images per sample, ...)."""
@@ -318,13 +308,13 @@ def _vlm(model: nn.Module) -> nn.Module:
     """The inner model (``LlavaModel`` and kin) of a supported class; others are refused."""
     import transformers
 
-    outer = tuple(getattr(transformers, name) for name in _CLASSES)
-    inner = tuple(getattr(transformers, name) for name in _CLASSES.values())
+    outer = tuple(getattr(transformers, name) for name in CLASSES)
+    inner = tuple(getattr(transformers, name) for name in CLASSES.values())
     if isinstance(model, outer):
         return model.model
     if isinstance(model, inner):
         return model
     raise DyMUError(
-        f"dymu's hf_llava supports {', '.join(_CLASSES)} (and their inner models), "
+        f"dymu's hf_llava supports {', '.join(CLASSES)} (and their inner models), "
         f"not {type(model).__name__}"
     )

@@ -1,0 +1,271 @@
+"""DyMU in Qwen2-VL and Qwen2.5-VL vision towers: whole 2x2 units merged inside windows.
+
+Two choices, and why (README: Qwen2-VL and Qwen2.5-VL):
+
+* **Units, not patches.** The tower's patch merger concatenates the 4 patches of a 2x2 unit
+  into one LLM token. Merging single patches would leave most units mixed (two groups in one
+  LLM token), and an LLM position whose unit mixes groups needs a slot of its own, so the
+  language model, ~90% of the prefill, would barely shrink. So a merge joins two whole units,
+  patch by patch (patch i of one with patch i of the other, size-weighted as in section 3),
+  and a merged unit is one LLM slot. A unit's metric is its 4 patches' head-mean keys, before
+  the rotation, side by side; matching, rules and thresholds are section 3's, on units.
+* **Inside windows.** Qwen2.5-VL attends inside 112-pixel windows in most blocks; a merge
+  across two windows would leave a token in both. Merging only inside a window keeps every
+  token in one window and the windows' order intact. Qwen2-VL, which has no windows, merges
+  inside windows of the same size, so a schedule (merges per window per block) means the same
+  in both families and does not depend on the image's resolution.
+
+A merged unit keeps its destination's rotary position (ToMe's approximation; the exact
+alternative, unmerging q/k inside the tower's attention, would keep the attention cost full).
+Proportional attention adds ``log(size)`` to every patch of a merged unit. With nothing merged
+the output is the tower's own, to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..engine.attention import attend, check_mode
+from ..engine.blocks import Merging, threshold_merging
+from ..engine.merge import (
+    NEG_INF,
+    Sides,
+    add_merged,
+    batch_rule,
+    destinations,
+    lay_out,
+    match,
+    order_keys,
+    split_sizes,
+    track,
+    with_sizes,
+)
+from ..engine.packing import Packing, constant
+from ..errors import DyMUError, MissingThresholds
+from ..thresholds import Thresholds, TowerIdentity
+from ..towers.hf_qwen_vl import Embedded, QwenVisionTower
+from .model import EncoderOutput
+
+log = logging.getLogger(__name__)
+
+
+class QwenDyMUEncoder(nn.Module):
+    """A Qwen2-VL / Qwen2.5-VL vision tower that merges 2x2 units above per-block thresholds.
+
+    ``r``: merges per window per block for calibration (a block with ``r == 0`` never
+    merges); at inference the thresholds decide. ``forward(pixel_values, grid_thw)`` takes
+    what the model's image processor gives and returns one :class:`EncoderOutput` row per
+    frame (an image, or one temporal patch of a video): its merged LLM tokens (after the
+    tower's patch merger), and ``groups``, the merged token of every unit in raster order.
+    """
+
+    def __init__(
+        self,
+        tower: nn.Module,
+        r: Sequence[int],
+        thresholds: Thresholds | None = None,
+        name: str | None = None,
+        attention: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.tower = tower if isinstance(tower, QwenVisionTower) else QwenVisionTower(tower)
+        if len(r) != self.tower.num_blocks:
+            raise DyMUError(
+                f"schedule has {len(r)} entries but the tower has {self.tower.num_blocks} blocks"
+            )
+        self.r = [int(v) for v in r]
+        self.attention = check_mode(attention)
+        self.name = name or type(self.tower.tower).__name__
+        self.pretrained = "unknown"
+        self.schedule_name = "explicit:" + ",".join(map(str, self.r))
+        self.thresholds: Thresholds | None = None
+        if thresholds is not None:
+            self.set_thresholds(thresholds)
+
+    @property
+    def identity(self) -> TowerIdentity:
+        tower = self.tower
+        return TowerIdentity.of(
+            self.name, tower.architecture(), tower.patch_weight, self.pretrained
+        )
+
+    @property
+    def merges(self) -> bool:
+        return any(self.r)
+
+    def set_thresholds(self, thresholds: Thresholds, source: str = "thresholds") -> None:
+        """Use these thresholds at inference (refused if made for another tower)."""
+        thresholds.check_tower(self.identity, self.tower.num_blocks, source)
+        self.thresholds = thresholds
+
+    def forward(
+        self, pixel_values: torch.Tensor | Mapping, grid_thw: torch.Tensor | None = None
+    ) -> EncoderOutput:
+        """Encode a processor's batch; every unit group keeps what its content needs."""
+        emb = self.tower.embed(*_inputs(pixel_values, grid_thw))
+        if not self.merges:
+            return self._run(emb, [None] * self.tower.num_blocks)
+        if self.thresholds is None:
+            raise MissingThresholds(self.name)
+        return self._run(emb, threshold_merging(self.thresholds, self.r, False))
+
+    def calibrate(
+        self, inputs: Mapping | torch.Tensor, r: Sequence[int] | None = None
+    ) -> tuple[EncoderOutput, torch.Tensor, torch.Tensor]:
+        """One calibration batch with the batch rule: ``r[l]`` merges per window in block
+        ``l`` across the batch (as :meth:`dymu.DyMUEncoder.calibrate`)."""
+        r = self.r if r is None else [int(v) for v in r]
+        found: list[torch.Tensor | None] = [None] * self.tower.num_blocks
+
+        def make_rule(block: int) -> Merging:
+            def rule(node_max: torch.Tensor, lengths, width: int) -> torch.Tensor:
+                per_window = min(r[block], width // 2)
+                merged, found[block] = batch_rule(node_max, node_max.shape[0] * per_window)
+                return merged
+
+            return Merging(rule)
+
+        out = self._run(
+            self.tower.embed(*_inputs(inputs, None)),
+            [make_rule(b) if r[b] > 0 else None for b in range(self.tower.num_blocks)],
+        )
+        device = out.tokens.device
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        values = torch.stack([zero if t is None else t.double() for t in found])
+        return out, values, torch.tensor([t is not None for t in found], device=device)
+
+    def _run(self, emb: Embedded, merging: Sequence[Merging | None]) -> EncoderOutput:
+        """The block loop over units in window order; merges keep to their windows."""
+        tower, unit = self.tower, self.tower.unit
+        x, rope, device = emb.x, emb.rope, emb.x.device
+        windows = Packing.from_lengths(emb.window_units, device)
+        start = windows
+        groups = windows.pad(constant(_positions(emb.window_units), device), -1).long()
+        sizes = None
+        block_lengths = []
+        for block in range(tower.num_blocks):
+            q, k, v = tower.qkv(block, x)
+            qr, kr = tower.rotate(q, k, rope)
+            seg = windows.lengths if tower.windowed[block] else _frames(windows, emb)
+            patches = Packing.from_lengths([n * unit for n in seg], device)
+            log_sizes = None if sizes is None else sizes.log().repeat_interleave(unit)
+            out = attend(qr, kr, v, tower.num_heads, patches, log_sizes, self.attention)
+            x = x + tower.attn_out(block, out)
+            if merging[block] is not None and windows.width >= 2:
+                metric = k.view(-1, unit, tower.num_heads, tower.head_dim)
+                metric = metric.mean(2, dtype=torch.float32)
+                step = _merge_units(
+                    x, rope, sizes, groups, metric.flatten(1), windows, merging[block], unit
+                )
+                x, rope, sizes, groups, windows = step
+            x = x + tower.mlp(block, x)
+            block_lengths.append(_frames(windows, emb))
+        return _output(tower.merger(x), sizes, groups, windows, start, emb, block_lengths)
+
+
+def _merge_units(
+    x: torch.Tensor,
+    rope: torch.Tensor,
+    sizes: torch.Tensor | None,
+    groups: torch.Tensor,
+    metric: torch.Tensor,
+    windows: Packing,
+    merging: Merging,
+    unit: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Packing]:
+    """One merge of whole units inside each window (section 3's steps on the windows'
+    padded view), then the windows packed again at their new lengths (one host read)."""
+    count, dtype = metric.shape[0], x.dtype
+    sides = Sides(windows.width, 0)
+    if sizes is None and not windows.uniform:  # padding must read as dead
+        sizes = metric.new_ones(count)
+    bias = None if sizes is None else windows.pad(sizes.log(), NEG_INF).clamp(max=0.0)
+    xs = windows.pad(with_sizes(x.view(count, -1), sizes))  # padding: size 0
+    node_max, node_idx = match(windows.pad(metric), bias, sides)
+    merged = merging.rule(node_max, None, windows.width)
+    order = order_keys(merged, bias, sides, False).sort(dim=1, stable=True)[1]
+    add_merged(xs, merged, node_idx, sides)
+    groups = track(groups, destinations(order, windows.width, merged, node_idx, sides), True)
+    kept = np.asarray(windows.lengths) - merged.sum(-1).cpu().numpy()  # the host read
+    after = Packing.from_lengths(kept.tolist(), x.device)
+    out, sizes = split_sizes(lay_out(xs, order, after), dtype)
+    rope = lay_out(windows.pad(rope.view(count, -1)), order, after)  # the destination's
+    return out.view(-1, x.shape[-1]), rope.view(-1, rope.shape[-1] // unit), sizes, groups, after
+
+
+def _output(
+    features: torch.Tensor,
+    sizes: torch.Tensor | None,
+    groups: torch.Tensor,
+    windows: Packing,
+    start: Packing,
+    emb: Embedded,
+    block_lengths: list[list[int]],
+) -> EncoderOutput:
+    """Per frame: its windows' merged tokens one after another, and every unit's token in
+    raster order (window order undone by the tower's own ``window_index``)."""
+    device = features.device
+    frame_lengths = _frames(windows, emb)
+    frames = Packing.from_lengths(frame_lengths, device)
+    # a window's first token within its frame: its final lengths summed over earlier windows
+    ends = np.cumsum(windows.lengths)
+    first = ends - np.asarray(windows.lengths)
+    frame_first = np.concatenate([[0], np.cumsum(frame_lengths)])[emb.window_frame]
+    in_frame = start.pack(groups + constant(first - frame_first, device)[:, None])
+    raster = torch.empty_like(in_frame).index_copy_(0, emb.window_index, in_frame)
+    units = Packing.from_lengths(emb.frame_units, device)
+    if sizes is None:
+        sizes = features.new_ones(features.shape[0], dtype=torch.float32)
+    lengths = torch.tensor(frame_lengths, device=device)
+    return EncoderOutput(
+        tokens=frames.pad(features),
+        lengths=lengths,
+        sizes=frames.pad(sizes),
+        groups=units.pad(raster, -1).long(),
+        pooled=None,
+        block_lengths=torch.tensor(block_lengths, device=device).T.reshape(len(frame_lengths), -1),
+        host_lengths=tuple(frame_lengths),
+    )
+
+
+def expand_units(out: EncoderOutput) -> torch.Tensor:
+    """Every unit's merged token, in the tower's own output order (frames one after
+    another, units in raster order): ``(U, out)``, what the unmodified tower's
+    ``pooler_output`` holds, with each group's token repeated over its units."""
+    rows = out.tokens.gather(
+        1, out.groups.clamp(min=0)[..., None].expand(-1, -1, out.tokens.shape[-1])
+    )
+    return rows[out.groups >= 0]
+
+
+def _frames(windows: Packing, emb: Embedded) -> list[int]:
+    """Units per frame: the windows' current lengths summed per frame."""
+    counts = np.bincount(emb.window_frame, np.asarray(windows.lengths), len(emb.frame_units))
+    return counts.astype(np.int64).tolist()
+
+
+def _positions(lengths: list[int]) -> np.ndarray:
+    """``0 .. n - 1`` for every segment, one after another."""
+    return np.concatenate([np.arange(n) for n in lengths])
+
+
+def _inputs(
+    pixels: torch.Tensor | Mapping, grid_thw: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values, grid_thw)`` from tensors or a processor's output (images or video)."""
+    if isinstance(pixels, Mapping):
+        for values, grid in (
+            ("pixel_values", "image_grid_thw"),
+            ("pixel_values_videos", "video_grid_thw"),
+        ):
+            if pixels.get(values) is not None:
+                return pixels[values], pixels[grid]
+        raise DyMUError("a Qwen-VL batch needs pixel_values with image_grid_thw (or videos)")
+    if grid_thw is None:
+        raise DyMUError("a Qwen-VL tower needs grid_thw beside its pixel values")
+    return pixels, grid_thw

@@ -1,0 +1,156 @@
+"""Adapter for the vision towers of transformers' Qwen2-VL and Qwen2.5-VL.
+
+These towers differ from the ViTs the other adapters read (DESIGN section 8): every image is
+a flat run of patches (``pixel_values (T, C * t * p * p)`` with ``grid_thw``), 2D rotary
+position embeddings rotate q/k in every block, Qwen2.5-VL attends inside 112-pixel windows in
+all blocks but a few, and a patch merger turns each 2x2 *unit* of neighbouring patches into
+one LLM token. So the adapter hands out units, windows and the rotary tables beside the
+usual ``qkv`` / ``attn_out`` / ``mlp`` seam, and :class:`dymu.encoder.qwen.QwenDyMUEncoder`
+merges whole units inside windows (see there why).
+
+The embedding mirrors the first lines of the towers' forwards in transformers 5.18-5.24
+(``get_vision_position_ids``, ``get_vision_window_index``, the tower's own patch embedding
+and rotary module); a test compares the unmerged encoder with the tower's own forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DyMUError
+
+CLASSES = ("Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel")
+# Qwen2.5-VL's window (pixels); Qwen2-VL has no windows, and dymu merges inside windows of
+# this size there too, so a schedule means the same thing in both families
+DEFAULT_WINDOW = 112
+
+
+@dataclass
+class Embedded:
+    """A batch's patch embeddings in window order, with what the block loop needs.
+
+    ``x (P, D)`` patches, the ``unit`` patches of each 2x2 unit contiguous, units grouped by
+    window; ``rope (P, 2 * head_dim)`` float32 (``cos | sin`` of every patch);
+    ``window_units``: units per window (host); ``window_frame``: the frame (image, or
+    temporal patch of a video) each window lies in; ``frame_units``: units per frame;
+    ``window_index (U,)``: the raster unit each window-order unit is (the tower's own order).
+    """
+
+    x: torch.Tensor
+    rope: torch.Tensor
+    window_units: list[int]
+    window_frame: np.ndarray
+    frame_units: list[int]
+    window_index: torch.Tensor
+
+
+class QwenVisionTower(nn.Module):
+    """A transformers Qwen2-VL or Qwen2.5-VL vision tower seen block by block."""
+
+    family = "transformers Qwen2-VL / Qwen2.5-VL vision towers"
+
+    def __init__(self, tower: nn.Module) -> None:
+        super().__init__()
+        if not self.supports(tower):
+            raise DyMUError(f"{type(self).__name__} cannot read a {type(tower).__name__}")
+        self.tower = tower
+        self.blocks = tower.blocks
+        config = tower.config
+        self.num_blocks = len(self.blocks)
+        self.num_heads = int(config.num_heads)
+        self.width = self.blocks[0].attn.proj.in_features
+        self.head_dim = self.width // self.num_heads
+        mlp = self.blocks[0].mlp
+        first = getattr(mlp, "fc1", None) or getattr(mlp, "gate_proj", None)
+        self.mlp_width = first.out_features if first is not None else 4 * self.width
+        self.patch_size = int(config.patch_size)
+        self.merge_size = int(config.spatial_merge_size)
+        self.unit = self.merge_size**2
+        self.out_width = int(tower.merger.mlp[-1].out_features)
+        self.window_size = int(getattr(config, "window_size", None) or DEFAULT_WINDOW)
+        full = getattr(config, "fullatt_block_indexes", None)
+        # blocks that attend inside windows (Qwen2.5-VL); the rest attend over a whole frame
+        self.windowed = [full is not None and b not in full for b in range(self.num_blocks)]
+        self._rotate = sys.modules[type(tower).__module__].apply_rotary_pos_emb_vision
+        self.num_prefix_tokens = 0
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return type(module).__name__ in CLASSES and type(module).__module__.startswith(
+            "transformers."
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.tower
+
+    @property
+    def patch_weight(self) -> torch.Tensor:
+        return self.tower.patch_embed.proj.weight
+
+    def architecture(self) -> str:
+        """Family-neutral shape, as threshold files record it."""
+        return (
+            f"{self.num_blocks} blocks, width {self.width}, {self.num_heads} heads, "
+            f"patches of {self.patch_size}px in {self.merge_size}x{self.merge_size} units, "
+            f"windows of {self.window_size}px"
+        )
+
+    def embed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Embedded:
+        """Patch embeddings and rotary tables in window order (the tower's own modules)."""
+        try:
+            from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+        except ImportError as err:  # before transformers 5.18
+            raise DyMUError("dymu's Qwen-VL support needs transformers >= 5.18") from err
+        tower = self.tower
+        grid = grid_thw.cpu()
+        t, h, w = grid.numpy().T
+        x = tower.patch_embed(pixel_values.to(self.patch_weight.dtype))
+        positions = get_vision_position_ids(grid, self.merge_size).to(x.device)
+        cos, sin = tower.rotary_pos_emb(x, positions)
+        window_index, bounds = get_vision_window_index(
+            grid, self.merge_size, self.window_size, self.patch_size
+        )
+        window_index = window_index.to(x.device)
+        rope = torch.cat([cos, sin], -1).float()
+        x, rope = (self._window_order(t, window_index) for t in (x, rope))
+        window_units = (np.diff(bounds.numpy()) // self.unit).tolist()
+        frame_units = np.repeat(h * w, t) // self.unit
+        frame_ends = np.cumsum(frame_units)
+        window_frame = np.searchsorted(frame_ends, np.cumsum(window_units), side="left")
+        return Embedded(x, rope, window_units, window_frame, frame_units.tolist(), window_index)
+
+    def _window_order(self, t: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
+        """Patch rows regrouped by unit into window order (the tower's own permutation)."""
+        rows = t.reshape(-1, self.unit, t.shape[-1])
+        return rows.index_select(0, window_index).reshape(t.shape)
+
+    def qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pre-norm and in-projection: q, k, v each ``(P, D)``, before the rotation."""
+        layer = self.blocks[block]
+        return layer.attn.qkv(layer.norm1(x)).chunk(3, dim=-1)
+
+    def rotate(
+        self, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k ``(P, D)`` rotated by every patch's ``cos | sin`` (the family's function)."""
+        cos, sin = rope.chunk(2, dim=-1)
+        shape = (q.shape[0], self.num_heads, self.head_dim)
+        q, k = self._rotate(q.view(shape), k.view(shape), cos, sin)
+        return q.reshape(-1, self.width), k.reshape(-1, self.width)
+
+    def attn_out(self, block: int, out: torch.Tensor) -> torch.Tensor:
+        return self.blocks[block].attn.proj(out)
+
+    def mlp(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.blocks[block]
+        return layer.mlp(layer.norm2(x))
+
+    def merger(self, x: torch.Tensor) -> torch.Tensor:
+        """The tower's 2x2 patch merger: ``(U * unit, D)`` patches -> ``(U, out)`` tokens."""
+        return self.tower.merger(x)

@@ -1,0 +1,87 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL models (random weights) and their inputs, built the way the
+models' processors lay them out: flat patches with ``grid_thw``, and prompts whose image and
+video placeholders sit between vision start/end tokens."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+IMAGE, VIDEO, START, END, PAD = 290, 291, 292, 293, 0
+PATCH, MERGE, TEMPORAL = 14, 2, 2
+TEXT = dict(
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 3]},
+)
+TOKENS = dict(
+    image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START,
+    vision_end_token_id=END,
+)  # fmt: skip
+
+
+def build(family: str):
+    """A tiny model in fp32; Qwen2.5-VL with 56-pixel windows (2x2 units) and two of its
+    four blocks attending over whole frames."""
+    torch.manual_seed(0)
+    common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    if family == "qwen2_vl":
+        vision = dict(depth=3, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=2, **common)
+        cfg = Qwen2VLConfig(vision_config=vision, text_config=TEXT, **TOKENS)
+        model = Qwen2VLForConditionalGeneration(cfg)
+    else:
+        vision = dict(
+            depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+            window_size=56, fullatt_block_indexes=[1, 3], **common,
+        )  # fmt: skip
+        cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=TEXT, **TOKENS)
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = PAD
+    return model.eval()
+
+
+def pixels(grids: list[tuple[int, int, int]], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flat patches for frames of ``(t, h, w)`` patches each, and their grid."""
+    grid = torch.tensor(grids)
+    gen = torch.Generator().manual_seed(seed)
+    rows = int(grid.prod(-1).sum())
+    return torch.randn(rows, 3 * TEMPORAL * PATCH * PATCH, generator=gen), grid
+
+
+def units(grid: tuple[int, int, int]) -> int:
+    """LLM tokens of one image or video: its 2x2 units."""
+    t, h, w = grid
+    return t * h * w // MERGE**2
+
+
+def prompts(rows: list[list[tuple[str, int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ``input_ids`` and ``attention_mask``; a row is ``("text", n)``,
+    ``("image", n)`` or ``("video", n)`` pieces (visual pieces between start/end tokens)."""
+    built = []
+    for row in rows:
+        ids: list[int] = []
+        for kind, n in row:
+            if kind == "text":
+                ids += [1 + (i % 40) for i in range(n)]
+            else:
+                ids += [START] + [IMAGE if kind == "image" else VIDEO] * n + [END]
+        built.append(ids)
+    width = max(len(r) for r in built)
+    ids = torch.tensor([[PAD] * (width - len(r)) + r for r in built])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in built])
+    return ids, mask
+
+
+def token_types(ids: torch.Tensor) -> torch.Tensor:
+    """``mm_token_type_ids`` as the processors give them: 0 text, 1 image, 2 video."""
+    return (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
