@@ -16,11 +16,15 @@ from configs; nothing downloaded), vanilla and dymu interleaved in one run, medi
   DyMU-low budget's kept tokens per image (then mid and high while time allows), batch 1 and
   16: prefill (time to first token) vanilla against dymu+VTU beside the FLOP bound, and
   greedy generate tokens/s over 32 new tokens.
+* **qwen** (``bench_vlm_qwen.bench_batch``): the whole Qwen2.5-VL-7B-shaped model (bf16,
+  tower included) at a 1024x1024 photo (1369 LLM tokens), thresholds for the DyMU-low share
+  of units (``--qwen-budgets``), batch 1 and 16: prefill and generate as for the VLM rows.
 
-Targets (issues 19 and 20, on one H100 or H200): encoder at batch 64 >= 1.3x (ViT-L) and
->= 1.2x (SO400M), batch 8 >= 1.0x, batch 1 >= 0.9x; calibration >= 0.9x; ToMe r 16 at least
-ToMe's own speedup, r 8 on ViT-L >= 1.1x; VLM low budget: prefill >= 1.5x at batch 1 and
->= 2.5x at batch 16, generate >= 1.0x and >= 1.2x. ``met`` says whether each row reaches it.
+Targets (issues 19, 20 and 21, on one H100 or H200): encoder at batch 64 >= 1.3x (ViT-L)
+and >= 1.2x (SO400M), batch 8 >= 1.0x, batch 1 >= 0.9x; calibration >= 0.9x; ToMe r 16 at
+least ToMe's own speedup, r 8 on ViT-L >= 1.1x; VLM low budget: prefill >= 1.5x at batch 1
+and >= 2.5x at batch 16, generate >= 1.0x and >= 1.2x; Qwen2.5-VL low budget: prefill >= 2x
+and generate >= 1.0x at batch 1 and 16. ``met`` says whether each row reaches it.
 
 Prints one table headed by the device, torch version and dtypes (fp16 for the encoder,
 calibration and ToMe, bf16 for the VLM on CUDA; fp32 on CPU), writes it as JSON (``--json``)
@@ -29,9 +33,9 @@ or model is an ``error`` row and the rest still run; past ``--time-limit`` secon
 is a ``skipped: time limit`` row (a unit starts only if one like the last still fits). The
 sibling scripts' own output goes to stderr.
 
-Estimated run time on one H100 with the defaults: about 3-4 minutes (encoder ~70 s,
-calibration ~40 s, ToMe ~25 s, VLM ~60 s, from the sibling scripts' timings on an H200),
-well inside the 330 s default limit and the issue's 6 minutes.
+Estimated run time on one H100 with the defaults: about 4-5 minutes (encoder ~70 s,
+calibration ~40 s, ToMe ~25 s, VLM ~60 s, from the sibling scripts' timings on an H200;
+Qwen ~60 s, estimated, never run on a GPU), inside the 360 s default limit.
 
 Run from the repository root on a GPU machine::
 
@@ -68,14 +72,17 @@ import bench_calibration  # noqa: E402
 import bench_encoder  # noqa: E402
 import bench_tome  # noqa: E402
 import bench_vlm_budgets  # noqa: E402
+import bench_vlm_qwen  # noqa: E402
 from bench_overhead import ENCODER, quick_tower  # noqa: E402
 
 import dymu  # noqa: E402
+import dymu.integrations.hf_qwen_vl  # noqa: E402
+from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
-SECTIONS = ["encoder", "calibration", "tome", "vlm"]
+SECTIONS = ["encoder", "calibration", "tome", "vlm", "qwen"]
 VIT_L, SO400M = "ViT-L-14-336-tome-72out", "ViT-SO400M-14-SigLIP-384-tome-192out"
 TINY_TOWER = ENCODER[True]  # bench_overhead's 4-block tower at 64 px
-SECTION_REPS = {"encoder": (3, 10), "tome": (3, 10), "vlm": (1, 5)}  # (warmup, reps) on a GPU
+SECTION_REPS = {"encoder": (3, 10), "tome": (3, 10), "vlm": (1, 5), "qwen": (1, 5)}  # on a GPU
 VLM_TARGETS = {(1, "prefill"): 1.5, (1, "generate"): 1.0, (16, "prefill"): 2.5,
                (16, "generate"): 1.2}  # fmt: skip
 QUICK = dict(
@@ -260,11 +267,48 @@ def vlm_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
     return run_units(clock, "vlm", args.vlm_budgets, unit)
 
 
+def qwen_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+    warmup, count = reps(args, "qwen")
+    cuda = args.device.startswith("cuda")
+    ns = bench_vlm_qwen.parse_args(["--device", args.device, "--dtype", args.vlm_dtype])
+    ns.shape = "quick" if args.quick else "7b" if cuda else "small"
+    ns.reps, ns.warmup, ns.new_tokens = count, warmup, args.new_tokens or ns.new_tokens
+    model = bench_vlm_qwen.build_model(ns)
+    photos = [load_rgb(p) for p in open_source(str(ns.data)).paths]
+    images = bench_vlm_qwen.photo_inputs(ns, photos)
+    batches = [bench_vlm_qwen.batch_of(images[i : i + 4]) for i in range(0, len(images), 4)]
+    label = "Qwen2.5-VL-7B" if ns.shape == "7b" else f"Qwen2.5-VL ({ns.shape})"
+
+    def unit(budget: str) -> list[Row]:
+        with torch.inference_mode():
+            found = bench_vlm_qwen.calibrate(model, batches, bench_vlm_qwen.BUDGETS[budget])
+        name = f"dymu+VTU {budget}"
+        models = {"vanilla": model, name: dymu.apply(bench_vlm_qwen.shared_copy(model), found)}
+        encoders = {name: dymu.integrations.hf_qwen_vl.build_encoder(model, found)}
+        rows = []
+        for bsz in args.vlm_batches:
+            chosen = [images[i % len(images)] for i in range(bsz)]
+            base, ours = bench_vlm_qwen.bench_batch(models, encoders, chosen, ns)
+            low = budget == "low" and bsz in (1, 16)  # the issue's targets
+            rows += [
+                Row("qwen", label, bsz, f"{budget} prefill", base["prefill"], ours["prefill"],
+                    "ms", base["flops"] / ours["flops"], 2.0 if low else None, detail=ours),
+                Row("qwen", label, bsz, f"{budget} generate",
+                    bsz * ns.new_tokens / base["generate"] * 1e3,
+                    bsz * ns.new_tokens / ours["generate"] * 1e3, "tok/s", None,
+                    1.0 if low else None),
+            ]  # fmt: skip
+        return rows
+
+    return run_units(clock, "qwen", args.qwen_budgets, unit)
+
+
 RUNNERS = {
     "encoder": encoder_section,
     "calibration": calibration_section,
     "tome": tome_section,
     "vlm": vlm_section,
+    "qwen": qwen_section,
 }
 
 
@@ -352,11 +396,13 @@ def parse_args() -> argparse.Namespace:
     add("--tome-r", nargs="+", type=int, default=[8, 16], help="ToMe r per block")
     budgets = list(bench_vlm_budgets.BUDGETS)
     add("--vlm-budgets", nargs="+", choices=budgets, default=budgets, help="later ones if time")
-    add("--vlm-batches", nargs="+", type=int, default=[1, 16], help="VLM batch sizes")
+    add("--vlm-batches", nargs="+", type=int, default=[1, 16], help="VLM and Qwen batch sizes")
+    qwen = list(bench_vlm_qwen.BUDGETS)
+    add("--qwen-budgets", nargs="+", choices=qwen, default=["low"], help="Qwen2.5-VL budgets")
     add("--new-tokens", type=int, default=None, help="generated tokens (32 on cuda, else 4)")
     add("--reps", type=int, default=None, help="timed reps (default: encoder/ToMe 10, VLM 5)")
     add("--warmup", type=int, default=None, help="untimed reps (default: encoder/ToMe 3, VLM 1)")
-    add("--time-limit", type=float, default=330.0, help="seconds; later parts are skipped")
+    add("--time-limit", type=float, default=360.0, help="seconds; later parts are skipped")
     add("--json", default="bench_gpu.json", help="write the rows here ('' or --quick: none)")
     add("--plot", default="bench_gpu.png", help="bar chart here ('' or --quick: none)")
     add("--threads", type=int, default=None, help="torch.set_num_threads")

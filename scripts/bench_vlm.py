@@ -68,6 +68,7 @@ import argparse
 import copy
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,13 @@ class Row:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--family",
+        choices=["llava", "qwen2_5_vl"],
+        default="llava",
+        help="llava: LLaVA-1.5 shapes (this script); qwen2_5_vl: Qwen2.5-VL shapes "
+        "(scripts/bench_vlm_qwen.py, which lists its own options)",
+    )
     p.add_argument("--shape", choices=list(SHAPES), default=None, help="default: 7b on cuda")
     p.add_argument("--small", action="store_true", help="--shape small (the CPU figures)")
     p.add_argument("--quick", action="store_true", help="tiny smoke run (what CI runs)")
@@ -184,6 +192,13 @@ def parse_args() -> argparse.Namespace:
     if not 0 < args.keep <= patches:
         p.error(f"--keep must be in 1..{patches}")
     return args
+
+
+def _family(argv: list[str]) -> str:
+    """``--family`` (``llava`` or ``qwen2_5_vl``), read before the family's own options."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--family", choices=["llava", "qwen2_5_vl"], default="llava")
+    return p.parse_known_args(argv)[0].family
 
 
 def build_model(args: argparse.Namespace, image_token: int) -> torch.nn.Module:
@@ -422,6 +437,12 @@ def print_table(rows: list[Row], new_tokens: int) -> None:
 
 
 def main() -> None:
+    if "--family" in sys.argv[1:] or any(a.startswith("--family=") for a in sys.argv[1:]):
+        family = _family(sys.argv[1:])
+        if family == "qwen2_5_vl":  # Qwen2.5-VL shapes: its own script, the same table
+            from bench_vlm_qwen import main as qwen_main
+
+            return qwen_main(sys.argv[1:])
     args = parse_args()
     logging.getLogger().setLevel(logging.ERROR)
     if args.threads is not None:

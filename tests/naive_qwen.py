@@ -22,6 +22,7 @@ class Unit:
         self.x, self.cos, self.sin = x, cos, sin  # (4, D), (4, hd), (4, hd)
         self.size = 1.0
         self.members = [member]  # raster unit ids within the frame
+        self.own = {member: (cos, sin)}  # every member's own rotary position
 
 
 def _rotate(t, cos, sin):  # t (n, hd)
@@ -63,8 +64,19 @@ def _frames(visual, pixels, grid):
     return frames
 
 
-def _attend(blk, heads, units):
-    """Attention over these units' patches, ``log(size)`` on every key; returns per unit."""
+def _attend(blk, heads, units, unmerge=False):
+    """Attention over these units' patches, ``log(size)`` on every key; returns per unit.
+    ``unmerge``: every unit repeated over its members at their own positions, no bias, and
+    each unit's outputs averaged over its members."""
+    if unmerge:
+        rows = [(u, m) for u in units for m in u.members]
+        copies = [Unit(u.x, *u.own[m], m) for u, m in rows]
+        outs = _attend(blk, heads, copies)
+        result = []
+        for u in units:
+            mine = [o for (owner, _), o in zip(rows, outs, strict=True) if owner is u]
+            result.append(torch.stack(mine).mean(0))
+        return result
     d = units[0].x.shape[-1]
     hd = d // heads
     x = torch.cat([u.x for u in units])
@@ -108,12 +120,14 @@ def _merge_window(window, keys, tau):
         b.x = (b.x * b.size + a.x * a.size) / (b.size + a.size)
         b.size += a.size
         b.members += a.members
+        b.own.update(a.own)
     return [window[i] for i in a_pos if i not in merges] + [window[j] for j in b_pos]
 
 
-def naive_qwen(visual, pixels, grid, taus):
+def naive_qwen(visual, pixels, grid, taus, unmerge=False):
     """Per frame: merged tokens ``(L, out)`` in window order and the token of every raster
-    unit. ``taus``: per block, a threshold or ``None`` (no merging)."""
+    unit. ``taus``: per block, a threshold or ``None`` (no merging); ``unmerge``: attention
+    with merged units unmerged to their members' own positions."""
     heads = visual.config.num_heads
     full = getattr(visual.config, "fullatt_block_indexes", None)
     frames = _frames(visual, pixels, grid)
@@ -124,7 +138,7 @@ def naive_qwen(visual, pixels, grid, taus):
                 keys = {id(u): _metric(blk, heads, u) for w in windows for u in w}
                 spans = windows if windowed else [[u for w in windows for u in w]]
                 for span in spans:
-                    for u, out in zip(span, _attend(blk, heads, span), strict=True):
+                    for u, out in zip(span, _attend(blk, heads, span, unmerge), strict=True):
                         u.x = u.x + out
                 if taus[b] is not None:
                     windows[:] = [_merge_window(w, keys, taus[b]) for w in windows]

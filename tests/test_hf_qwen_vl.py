@@ -5,6 +5,8 @@ the model's own placement, greedy decoding against naive full-length VTU, and
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from naive_qwen import naive_qwen
@@ -58,13 +60,16 @@ def test_unmerged_encoder_is_the_tower(model):
     torch.testing.assert_close(expand_units(out), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_encoder_matches_naive_loop(model):
+@pytest.mark.parametrize("positions", ["keep", "unmerge"])
+def test_encoder_matches_naive_loop(model, positions):
     pix, grid = pixels([*IMAGES, (2, 4, 6)])
     thresholds = calibrated(model, {"pixel_values": pix, "image_grid_thw": grid})
     encoder = hf_qwen_vl.build_encoder(model, thresholds)
+    encoder.positions = positions
     with torch.no_grad():
         out = encoder(pix, grid)
-    expected = naive_qwen(model.model.visual, pix, grid, thresholds.merging_blocks())
+    taus = thresholds.merging_blocks()
+    expected = naive_qwen(model.model.visual, pix, grid, taus, positions == "unmerge")
     assert sum(out.host_lengths) < sum(len(g) for _, g in expected)  # something merged
     for frame, (tokens, groups) in enumerate(expected):
         assert out.host_lengths[frame] == tokens.shape[0]
@@ -306,3 +311,52 @@ def test_apply_refuses_other_classes_in_one_line():
     )
     with pytest.raises(DyMUError):
         dymu.remove(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_find_thresholds_cli_on_a_model_folder(name, tmp_path, photo_dir):
+    """``dymu-find-thresholds --hf-model`` on a saved Qwen-VL: the folder's own image
+    processor at dynamic resolution, batches of different patch counts, a file the model
+    then takes."""
+    from conftest import run_cli
+    from transformers import Qwen2VLImageProcessor
+
+    folder = tmp_path / name
+    model = build(name)
+    model.save_pretrained(folder)
+    Qwen2VLImageProcessor(
+        patch_size=14, merge_size=2, temporal_patch_size=2, max_pixels=60000
+    ).save_pretrained(folder)
+    out = tmp_path / "t.safetensors"
+    proc = run_cli(
+        [
+            "--data",
+            photo_dir / "images.json",
+            "--hf-model",
+            folder,
+            "--batch-size",
+            3,
+            "--out",
+            out,
+        ],
+        tmp_path,
+    )
+    assert "LLM tokens per frame" in proc.stdout
+    found = Thresholds.load(out)
+    images = int(found.metadata["images"])
+    listed = len(json.loads((photo_dir / "images.json").read_text()))
+    assert images == listed and found.count[0] > 0
+    dymu.apply(model, thresholds=out)  # made for this tower: accepted
+    dymu.remove(model)
+
+
+def test_batches_of_flat_patch_runs_concatenate():
+    from dymu.sources.stream import Batch, stack_inputs
+
+    items = [
+        {"pixel_values": torch.ones(n, 5), "image_grid_thw": torch.tensor([[1, 2, n // 2]])}
+        for n in (4, 8)
+    ]
+    batch = stack_inputs(items)
+    assert batch["pixel_values"].shape == (12, 5) and batch["image_grid_thw"].shape == (2, 3)
+    assert Batch(0, batch, []).size == 2

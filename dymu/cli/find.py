@@ -52,6 +52,10 @@ examples:
   # the vision tower of a local transformers model (save_pretrained folder)
   {PROG} --data images/ --hf-model ./llava-1.5-7b-hf --r-total 400
 
+  # Qwen2-VL / Qwen2.5-VL: images at the model's own dynamic resolution, whole 2x2 units
+  # merged inside 112px windows; --r-total counts merges per window (of 16 units)
+  {PROG} --data images/ --hf-model ./Qwen2.5-VL-7B-Instruct --r-total 12
+
   # a try on the bundled photos with random weights (no download)
   {PROG} --data examples/images.json --model ViT-B-16-tome-100out --pretrained none"""
 
@@ -76,7 +80,8 @@ def find_thresholds_parser() -> argparse.ArgumentParser:
         type=positive(0),
         default=None,
         help="tokens removed per image on average, fewer than the patches (default: from the "
-        "model name; with --hf-model two thirds of the patches)",
+        "model name; with --hf-model two thirds of the patches; Qwen-VL: merges per window "
+        "of 2x2 units, default two thirds of its units)",
     )
     p.add_argument(
         "--schedule",
@@ -251,7 +256,8 @@ def _report(cfg, result) -> None:
         print(f"{i:>5} {r:>4} {t:>10.4f} {c:>8}")
     print(
         f"tokens per image under the batch rule (calibration, prefix tokens included): mean "
-        f"{tokens.mean:.1f}, min {tokens.low}, max {tokens.high} (of {result.num_tokens})"
+        f"{tokens.mean:.1f}, min {tokens.low}, max {tokens.high}"
+        + (f" (of {result.num_tokens})" if result.num_tokens else " (LLM tokens per frame)")
     )
     meta = th.metadata
     if "inference_images" in meta:

@@ -17,9 +17,11 @@ from ..errors import DyMUError, MissingThresholds
 from ..quiet import open_clip_logs
 from ..thresholds import Thresholds, find_threshold_file, search_paths
 from ..towers import TowerAdapter, adapter_for, supported_families
+from ..towers.hf_qwen_vl import QwenVisionTower
 from ..towers.weights import check_weights_reachable
 from .model import DyMUEncoder
 from .names import resolve_name
+from .qwen import QwenDyMUEncoder
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ def build_encoder(
     """
     source = _resolve(model, pretrained, seed, dtype, device)
     tower = source.tower
+    if isinstance(tower, QwenVisionTower):
+        return _qwen_encoder(source, r_total, schedule, attention, device, dtype, model)
     if r_total is None:
         r_total = source.r_total
     if r_total is None:
@@ -99,6 +103,29 @@ def build_encoder(
         fixed_r=fixed_r,
         attention=attention,
     )
+    encoder.pretrained = source.pretrained
+    if isinstance(schedule, str):
+        encoder.schedule_name = schedule
+    if device is not None or dtype is not None:
+        encoder = encoder.to(device=device, dtype=dtype)
+    return encoder if isinstance(model, nn.Module) else encoder.eval()
+
+
+def _qwen_encoder(source: _Source, r_total, schedule, attention, device, dtype, model):
+    """A Qwen-VL tower's encoder: ``r_total`` merges per window (default: keep a third of
+    each window's units), spread by ``schedule`` (see :mod:`dymu.encoder.qwen`)."""
+    units = source.tower.window_units
+    if r_total is None:
+        r_total = units - units // 3
+    elif not 0 <= r_total < units:
+        raise DyMUError(
+            f"r_total {r_total}: a {source.name} window holds {units} units, so merges per "
+            f"window must be 0 .. {units - 1}"
+        )
+    schedule = source.schedule if schedule is None else schedule
+    r = make_schedule(r_total, source.tower.num_blocks, schedule)
+    encoder = QwenDyMUEncoder(source.tower, r, name=source.name, attention=attention)
+    encoder.preprocess = source.preprocess or source.tower.preprocess()
     encoder.pretrained = source.pretrained
     if isinstance(schedule, str):
         encoder.schedule_name = schedule
@@ -202,6 +229,8 @@ def _resolve(model: ModelSource, pretrained: str | None, seed: int, dtype, devic
 
         module, stats = load_vision_tower(text, dtype)
         tower = find_tower(module)
+        if isinstance(tower, QwenVisionTower):  # the folder's own processor: dynamic resolution
+            return _Source(tower, text, "local", tower.preprocess(folder=text))
         return _Source(tower, text, "local", tower.preprocess(**stats))
     if "-tome" not in text and (os.sep in text or text.startswith(".")):
         raise DyMUError(f"model folder not found: {text}")

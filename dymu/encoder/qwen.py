@@ -6,9 +6,9 @@ Two choices, and why (README: Qwen2-VL and Qwen2.5-VL):
   into one LLM token. Merging single patches would leave most units mixed (two groups in one
   LLM token), and an LLM position whose unit mixes groups needs a slot of its own, so the
   language model, ~90% of the prefill, would barely shrink. So a merge joins two whole units,
-  patch by patch (patch i of one with patch i of the other, size-weighted as in section 3),
+  patch by patch (patch i of one with patch i of the other, size-weighted as every merge),
   and a merged unit is one LLM slot. A unit's metric is its 4 patches' head-mean keys, before
-  the rotation, side by side; matching, rules and thresholds are section 3's, on units.
+  the rotation, side by side; matching, rules and thresholds are the engine's, on units.
 * **Inside windows.** Qwen2.5-VL attends inside 112-pixel windows in most blocks; a merge
   across two windows would leave a token in both. Merging only inside a window keeps every
   token in one window and the windows' order intact. Qwen2-VL, which has no windows, merges
@@ -53,6 +53,11 @@ from .model import EncoderOutput
 
 log = logging.getLogger(__name__)
 
+# how merged units meet the rotary embedding: ``keep`` the destination's position (the
+# default), or ``unmerge`` q/k/v to every original unit inside attention (exact positions,
+# full-length attention; for comparison: scripts/bench_qwen_positions.py)
+POSITIONS = ("keep", "unmerge")
+
 
 class QwenDyMUEncoder(nn.Module):
     """A Qwen2-VL / Qwen2.5-VL vision tower that merges 2x2 units above per-block thresholds.
@@ -71,8 +76,12 @@ class QwenDyMUEncoder(nn.Module):
         thresholds: Thresholds | None = None,
         name: str | None = None,
         attention: str = "auto",
+        positions: str = "keep",
     ) -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise DyMUError(f"positions must be one of {', '.join(POSITIONS)}, not {positions!r}")
+        self.positions = positions
         self.tower = tower if isinstance(tower, QwenVisionTower) else QwenVisionTower(tower)
         if len(r) != self.tower.num_blocks:
             raise DyMUError(
@@ -84,6 +93,9 @@ class QwenDyMUEncoder(nn.Module):
         self.pretrained = "unknown"
         self.schedule_name = "explicit:" + ",".join(map(str, self.r))
         self.thresholds: Thresholds | None = None
+        self._rules: tuple | None = None  # ((thresholds, r), per-block rules)
+        # PIL image -> processor output (the factory sets the model folder's own processor)
+        self.preprocess = self.tower.preprocess()
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
@@ -112,7 +124,10 @@ class QwenDyMUEncoder(nn.Module):
             return self._run(emb, [None] * self.tower.num_blocks)
         if self.thresholds is None:
             raise MissingThresholds(self.name)
-        return self._run(emb, threshold_merging(self.thresholds, self.r, False))
+        key = (self.thresholds, tuple(self.r))
+        if self._rules is None or self._rules[0][0] is not key[0] or self._rules[0][1] != key[1]:
+            self._rules = (key, threshold_merging(self.thresholds, self.r, False))  # made once
+        return self._run(emb, self._rules[1])
 
     def calibrate(
         self, inputs: Mapping | torch.Tensor, r: Sequence[int] | None = None
@@ -150,11 +165,15 @@ class QwenDyMUEncoder(nn.Module):
         block_lengths = []
         for block in range(tower.num_blocks):
             q, k, v = tower.qkv(block, x)
-            qr, kr = tower.rotate(q, k, rope)
-            seg = windows.lengths if tower.windowed[block] else _frames(windows, emb)
-            patches = Packing.from_lengths([n * unit for n in seg], device)
-            log_sizes = None if sizes is None else sizes.log().repeat_interleave(unit)
-            out = attend(qr, kr, v, tower.num_heads, patches, log_sizes, self.attention)
+            if self.positions == "unmerge" and sizes is not None:
+                rows = _patch_rows(groups, windows, start, unit)
+                out = self._attend_unmerged(block, (q, k, v), rows, emb)
+            else:
+                qr, kr = tower.rotate(q, k, rope)
+                seg = windows.lengths if tower.windowed[block] else _frames(windows, emb)
+                patches = Packing.from_lengths([n * unit for n in seg], device)
+                log_sizes = None if sizes is None else sizes.log().repeat_interleave(unit)
+                out = attend(qr, kr, v, tower.num_heads, patches, log_sizes, self.attention)
             x = x + tower.attn_out(block, out)
             if merging[block] is not None and windows.width >= 2:
                 metric = k.view(-1, unit, tower.num_heads, tower.head_dim)
@@ -167,6 +186,32 @@ class QwenDyMUEncoder(nn.Module):
             block_lengths.append(_frames(windows, emb))
         return _output(tower.merger(x), sizes, groups, windows, start, emb, block_lengths)
 
+    def _attend_unmerged(
+        self, block: int, qkv: tuple[torch.Tensor, ...], rows: torch.Tensor, emb: Embedded
+    ) -> torch.Tensor:
+        """Attention with every merged unit unmerged to its original units (virtual
+        unmerging inside the tower): q/k/v gathered to the original patches, rotated at their
+        own positions, attended at full length (a key repeated over its group is what
+        ``log(size)`` stands for), and each group's outputs averaged back."""
+        tower, unit = self.tower, self.tower.unit
+        q, k, v = (t.index_select(0, rows) for t in qkv)
+        q, k = tower.rotate(q, k, emb.rope)
+        seg = emb.window_units if tower.windowed[block] else emb.frame_units
+        patches = Packing.from_lengths([n * unit for n in seg], q.device)
+        out = attend(q, k, v, tower.num_heads, patches, None, self.attention)
+        acc = out.new_empty(qkv[0].shape, dtype=torch.float32)
+        acc.index_reduce_(0, rows, out.float(), "mean", include_self=False)
+        return acc.to(out.dtype)
+
+
+def _patch_rows(groups: torch.Tensor, windows: Packing, start: Packing, unit: int) -> torch.Tensor:
+    """``(P0,)``: the current packed row of every original patch (window order)."""
+    lengths = np.asarray(windows.lengths)
+    first = constant(np.cumsum(lengths) - lengths, groups.device)  # each window's first row
+    units = start.pack(groups + first[:, None])  # (U0,) current unit of every original unit
+    offsets = constant(np.arange(unit), groups.device)
+    return (units[:, None] * unit + offsets).reshape(-1)
+
 
 def _merge_units(
     x: torch.Tensor,
@@ -178,7 +223,7 @@ def _merge_units(
     merging: Merging,
     unit: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Packing]:
-    """One merge of whole units inside each window (section 3's steps on the windows'
+    """One merge of whole units inside each window (the engine's steps on the windows'
     padded view), then the windows packed again at their new lengths (one host read)."""
     count, dtype = metric.shape[0], x.dtype
     sides = Sides(windows.width, 0)

@@ -273,10 +273,13 @@ class Batch:
 
     @property
     def size(self) -> int:
+        """Images in the batch (for flat patch runs: rows of their grid)."""
         if self.pixels is None:
             return 0
-        first = self.pixels if torch.is_tensor(self.pixels) else next(iter(self.pixels.values()))
-        return first.shape[0]
+        if torch.is_tensor(self.pixels):
+            return self.pixels.shape[0]
+        grids = [v for k, v in self.pixels.items() if k.endswith("grid_thw")]
+        return (grids or list(self.pixels.values()))[0].shape[0]
 
 
 def iterate_batches(stream: ImageStream, batch_size: int, num_workers: int = 0) -> Iterator[Batch]:
@@ -305,7 +308,10 @@ def _batch(number: int, good: list[Item], bad: list[Item]) -> Batch:
 def stack_inputs(
     items: list[torch.Tensor | dict[str, torch.Tensor]],
 ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """One batch from per-image inputs: pixel tensors, or dicts of tensors (SigLIP2)."""
+    """One batch from per-image inputs: pixel tensors, or dicts of tensors (SigLIP2). Dicts
+    with a ``*grid_thw`` entry (Qwen-VL) hold flat runs of patches of any length: those are
+    concatenated, as the model's processor batches them."""
     if torch.is_tensor(items[0]):
         return torch.stack(items)
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+    join = torch.cat if any(key.endswith("grid_thw") for key in items[0]) else torch.stack
+    return {key: join([item[key] for item in items]) for key in items[0]}

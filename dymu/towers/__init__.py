@@ -25,6 +25,7 @@ ADAPTERS = (
     "hf_siglip:HFSiglip2Tower",
     "hf_vit:HFViTTower",
     "hf_dinov2:Dinov2Tower",
+    "hf_qwen_vl:QwenVisionTower",  # flat patch runs in 2x2 units: encoder.qwen runs these
 )
 
 __all__ = [

@@ -9,6 +9,7 @@ tower never loads the language model.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -42,7 +43,7 @@ def load_vision_tower(
             with transformers_bars(verbose()):  # "Loading weights" only with --verbose
                 tower = AutoModel.from_pretrained(folder, local_files_only=True)
         else:
-            tower = AutoModel.from_config(vision)
+            tower = _tower_from_config(vision)
             _load_tower_weights(tower, folder)
     except DyMUError:
         raise
@@ -52,6 +53,28 @@ def load_vision_tower(
     if dtype is not None:
         tower = tower.to(dtype)
     return tower.eval(), _image_stats(folder)
+
+
+def _tower_from_config(vision) -> nn.Module:
+    """The tower for a VLM's ``vision_config``: transformers' ``AutoModel`` where it maps the
+    config, else the model class its own modeling module declares for that config (Qwen2-VL's
+    tower has no ``AutoModel`` entry)."""
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_config(vision)
+    except ValueError:
+        module = importlib.import_module(
+            type(vision).__module__.replace(".configuration_", ".modeling_")
+        )
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and getattr(value, "config_class", None) is type(vision)
+                and not value.__name__.endswith("PreTrainedModel")  # the family's base class
+            ):
+                return value._from_config(vision)
+        raise
 
 
 def _load_tower_weights(tower: nn.Module, folder: Path) -> None:

@@ -1,6 +1,6 @@
 """Adapter for the vision towers of transformers' Qwen2-VL and Qwen2.5-VL.
 
-These towers differ from the ViTs the other adapters read (DESIGN section 8): every image is
+These towers differ from the ViTs the other adapters read (``towers.base``): every image is
 a flat run of patches (``pixel_values (T, C * t * p * p)`` with ``grid_thw``), 2D rotary
 position embeddings rotate q/k in every block, Qwen2.5-VL attends inside 112-pixel windows in
 all blocks but a few, and a patch merger turns each 2x2 *unit* of neighbouring patches into
@@ -15,6 +15,7 @@ and rotary module); a test compares the unmerged encoder with the tower's own fo
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import DyMUError
+
+log = logging.getLogger(__name__)
 
 CLASSES = ("Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel")
 # Qwen2.5-VL's window (pixels); Qwen2-VL has no windows, and dymu merges inside windows of
@@ -47,6 +50,18 @@ class Embedded:
     window_frame: np.ndarray
     frame_units: list[int]
     window_index: torch.Tensor
+
+
+class QwenPreprocess:
+    """A Qwen-VL image processor as a per-image transform: ``{pixel_values (P, F),
+    image_grid_thw (1, 3)}`` (a class, so DataLoader workers can receive it)."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+
+    def __call__(self, image) -> dict[str, torch.Tensor]:
+        out = self.processor(images=[image], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
 class QwenVisionTower(nn.Module):
@@ -78,6 +93,10 @@ class QwenVisionTower(nn.Module):
         self.windowed = [full is not None and b not in full for b in range(self.num_blocks)]
         self._rotate = sys.modules[type(tower).__module__].apply_rotary_pos_emb_vision
         self.num_prefix_tokens = 0
+        # the budget's unit: units per (full) window; images have as many windows as their
+        # resolution gives, so there is no fixed token count per image (0 says so)
+        self.window_units = (self.window_size // self.merge_size // self.patch_size) ** 2
+        self.num_tokens = 0
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -99,6 +118,27 @@ class QwenVisionTower(nn.Module):
             f"{self.num_blocks} blocks, width {self.width}, {self.num_heads} heads, "
             f"patches of {self.patch_size}px in {self.merge_size}x{self.merge_size} units, "
             f"windows of {self.window_size}px"
+        )
+
+    def preprocess(self, folder: str | None = None) -> QwenPreprocess:
+        """PIL image -> the model's processor output at its dynamic resolution: the folder's
+        own image processor, or (no folder) the family's with this tower's patch sizes."""
+        from transformers import AutoImageProcessor, Qwen2VLImageProcessor
+
+        if folder is not None:
+            try:
+                return QwenPreprocess(
+                    AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+                )
+            except OSError:
+                log.warning("%s has no image processor config; using Qwen2-VL's defaults", folder)
+        config = self.tower.config
+        return QwenPreprocess(
+            Qwen2VLImageProcessor(
+                patch_size=self.patch_size,
+                merge_size=self.merge_size,
+                temporal_patch_size=int(config.temporal_patch_size),
+            )
         )
 
     def embed(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> Embedded:

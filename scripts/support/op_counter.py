@@ -49,7 +49,6 @@ a CUDA event (invisible on the CPU).
 
 """
 
-
 from __future__ import annotations
 
 import sys
