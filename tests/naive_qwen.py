@@ -40,11 +40,15 @@ def _frames(visual, pixels, grid):
     inv_freq = visual.rotary_pos_emb.inv_freq.float()
     frames, row = [], 0
     for t, h, w in grid.tolist():
+        learned = _learned(visual, h, w)
         for _ in range(t):
             uh, uw = h // m, w // m
             units = []
             for u in range(uh * uw):
                 ur, uc = divmod(u, uw)
+                if learned is not None:  # Qwen3-VL: the table resampled, added per patch
+                    for i in range(m * m):
+                        x[row + i] = x[row + i] + learned[ur * m + i // m, uc * m + i % m]
                 ph = torch.tensor([ur * m + i // m for i in range(m * m)]).float()
                 pw = torch.tensor([uc * m + i % m for i in range(m * m)]).float()
                 angles = torch.cat([ph[:, None] * inv_freq, pw[:, None] * inv_freq], -1)
@@ -62,6 +66,27 @@ def _frames(visual, pixels, grid):
                     windows.append([units[u] for u in members])
             frames.append(windows)
     return frames
+
+
+def _learned(visual, h, w):
+    """Qwen3-VL's learned position table bilinearly resampled (corners aligned) to
+    ``(h, w, D)``; ``None`` for towers without one."""
+    table = getattr(visual, "pos_embed", None)
+    if table is None:
+        return None
+    side = int(table.weight.shape[0] ** 0.5)
+    grid = table.weight.float().T.reshape(1, -1, side, side)
+    out = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=True)
+    return out[0].permute(1, 2, 0)
+
+
+def _tokens(head, windows):
+    """One frame's tokens through a patch merger, in window order, and every raster unit's
+    token."""
+    units = [u for w in windows for u in w]
+    tokens = head(torch.cat([u.x for u in units]))
+    groups = {m: slot for slot, u in enumerate(units) for m in u.members}
+    return tokens, [groups[m] for m in range(len(groups))]
 
 
 def _attend(blk, heads, units, unmerge=False):
@@ -127,10 +152,12 @@ def _merge_window(window, keys, tau):
 def naive_qwen(visual, pixels, grid, taus, unmerge=False):
     """Per frame: merged tokens ``(L, out)`` in window order and the token of every raster
     unit. ``taus``: per block, a threshold or ``None`` (no merging); ``unmerge``: attention
-    with merged units unmerged to their members' own positions."""
+    with merged units unmerged to their members' own positions. Qwen3-VL: also the same per
+    DeepStack block, as ``naive_qwen.deepstack`` (a list per DeepStack block)."""
     heads = visual.config.num_heads
     full = getattr(visual.config, "fullatt_block_indexes", None)
     frames = _frames(visual, pixels, grid)
+    deepstack = []
     with torch.no_grad():
         for b, blk in enumerate(visual.blocks):
             windowed = full is not None and b not in full
@@ -144,10 +171,9 @@ def naive_qwen(visual, pixels, grid, taus, unmerge=False):
                     windows[:] = [_merge_window(w, keys, taus[b]) for w in windows]
                 for u in (u for w in windows for u in w):
                     u.x = u.x + blk.mlp(blk.norm2(u.x))
-        results = []
-        for windows in frames:
-            units = [u for w in windows for u in w]
-            tokens = visual.merger(torch.cat([u.x for u in units]))
-            groups = {m: slot for slot, u in enumerate(units) for m in u.members}
-            results.append((tokens, [groups[m] for m in range(len(groups))]))
-    return results
+            stacked = list(getattr(visual, "deepstack_visual_indexes", ()))
+            if b in stacked:
+                head = visual.deepstack_merger_list[stacked.index(b)]
+                deepstack.append([_tokens(head, windows) for windows in frames])
+        results = [_tokens(visual.merger, windows) for windows in frames]
+    return results, deepstack

@@ -34,12 +34,16 @@ def _causal_mask(config, embeds, attention_mask, position_ids):
     )
 
 
-def naive_logits(base, lm_head, embeds, mapping, attention_mask, rope_positions=None):
+def naive_logits(
+    base, lm_head, embeds, mapping, attention_mask, rope_positions=None, deepstack=None
+):
     """Expand to full length, run the unpatched attention, average per group; loops only.
 
     ``base`` is the decoder (``model.model`` of a ``*ForCausalLM``), ``lm_head`` its head;
     ``rope_positions``: what its rotary embedding takes when not ``arange(N)`` (Qwen-VL's
-    3D positions ``(3, B, N)``, as the model computed them).
+    3D positions ``(3, B, N)``, as the model computed them). ``deepstack``: Qwen3-VL's
+    ``(visual position mask (B, N0), rows per layer)``, added at those positions after the
+    first layers (the group means of the additions, as hidden states are per group).
     """
     bsz, n, _ = embeds.shape
     slots = int(mapping.max()) + 1
@@ -59,10 +63,17 @@ def naive_logits(base, lm_head, embeds, mapping, attention_mask, rope_positions=
         return torch.stack([h[b][mapping[b]] for b in range(bsz)])
 
     h = per_sample_mean(embeds)
-    for layer in base.layers:
+    for i, layer in enumerate(base.layers):
         attn, _ = layer.self_attn(
             expand(layer.input_layernorm(h)), position_embeddings=pos, attention_mask=mask
         )
         h = h + per_sample_mean(attn)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if deepstack is not None and i < len(deepstack[1]):
+            visual, rows = deepstack
+            added = torch.zeros(bsz, n, h.shape[-1])
+            at = [(b, p) for b in range(bsz) for p in range(visual.shape[1]) if visual[b, p]]
+            for (b, p), row in zip(at, rows[i], strict=True):
+                added[b, p] = row
+            h = h + per_sample_mean(added)
     return lm_head(expand(base.norm(h)))

@@ -10,9 +10,11 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE, VIDEO, START, END, PAD = 290, 291, 292, 293, 0
 PATCH, MERGE, TEMPORAL = 14, 2, 2
 TEXT = dict(
@@ -32,13 +34,23 @@ TOKENS = dict(
 
 def build(family: str):
     """A tiny model in fp32; Qwen2.5-VL with 56-pixel windows (2x2 units) and two of its
-    four blocks attending over whole frames."""
+    four blocks attending over whole frames; Qwen3-VL with a 4x4 learned position table,
+    DeepStack after blocks 0 and 1 and interleaved M-RoPE."""
     torch.manual_seed(0)
     common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
     if family == "qwen2_vl":
         vision = dict(depth=3, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=2, **common)
         cfg = Qwen2VLConfig(vision_config=vision, text_config=TEXT, **TOKENS)
         model = Qwen2VLForConditionalGeneration(cfg)
+    elif family == "qwen3_vl":
+        vision = dict(
+            depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,
+            num_position_embeddings=16, deepstack_visual_indexes=[0, 1], **common,
+        )  # fmt: skip
+        rope = {**TEXT["rope_parameters"], "mrope_section": [2, 2, 2], "mrope_interleaved": True}
+        text = {**TEXT, "head_dim": 12, "num_hidden_layers": 3, "rope_parameters": rope}
+        cfg = Qwen3VLConfig(vision_config=vision, text_config=text, **TOKENS)
+        model = Qwen3VLForConditionalGeneration(cfg)
     else:
         vision = dict(
             depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=48,

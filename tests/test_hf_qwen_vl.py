@@ -54,10 +54,14 @@ def test_unmerged_encoder_is_the_tower(model):
     visual = model.model.visual
     encoder = QwenDyMUEncoder(visual, [0] * len(visual.blocks))
     with torch.no_grad():
-        expected = visual(pix, grid_thw=grid).pooler_output
+        expected = visual(pix, grid_thw=grid)
         out = encoder(pix, grid)
     assert out.host_lengths == (24, 8, 6, 6, 6)  # one row per frame: the video's two steps
-    torch.testing.assert_close(expand_units(out), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expand_units(out), expected.pooler_output, atol=1e-5, rtol=1e-5)
+    stacked = getattr(expected, "deepstack_features", None) or []  # Qwen3-VL's DeepStack
+    assert len(out.features) == len(stacked)
+    for head, rows in zip(out.features, stacked, strict=True):
+        torch.testing.assert_close(expand_units(head), rows, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("positions", ["keep", "unmerge"])
@@ -69,8 +73,16 @@ def test_encoder_matches_naive_loop(model, positions):
     with torch.no_grad():
         out = encoder(pix, grid)
     taus = thresholds.merging_blocks()
-    expected = naive_qwen(model.model.visual, pix, grid, taus, positions == "unmerge")
+    expected, deepstack = naive_qwen(model.model.visual, pix, grid, taus, positions == "unmerge")
     assert sum(out.host_lengths) < sum(len(g) for _, g in expected)  # something merged
+    assert len(out.features) == len(deepstack)  # Qwen3-VL: one per DeepStack block
+    for head, naive in zip(out.features, deepstack, strict=True):
+        _same(head, naive)
+    _same(out, expected)
+
+
+def _same(out, expected) -> None:
+    """An encoder output equals the naive loop's (tokens, groups) per frame."""
     for frame, (tokens, groups) in enumerate(expected):
         assert out.host_lengths[frame] == tokens.shape[0]
         torch.testing.assert_close(
@@ -97,8 +109,9 @@ def test_find_thresholds_on_processor_batches(model, tmp_path):
         hf_qwen_vl.build_encoder(other, found)
 
 
-def _case(name: str):
-    """Model inputs: two images in one prompt, a left-padded batch of two, a video."""
+def _case(name: str, model=None):
+    """Model inputs: two images in one prompt, a left-padded batch of two, a video (Qwen3-VL
+    puts each temporal patch of a video between its own start and end tokens)."""
     if name == "two_images":
         pix, grid = pixels(IMAGES[:2])
         ids, mask = prompts([[("text", 3), ("image", 24), ("text", 2), ("image", 8), ("text", 2)]])
@@ -121,7 +134,11 @@ def _case(name: str):
             image_grid_thw=grid,
         )
     pix, grid = pixels([(2, 4, 8)])
-    ids, mask = prompts([[("text", 2), ("video", units((2, 4, 8))), ("text", 3)]])
+    if "Qwen3" in type(model).__name__:
+        video = [("video", units((1, 4, 8))), ("text", 1), ("video", units((1, 4, 8)))]
+    else:
+        video = [("video", units((2, 4, 8)))]
+    ids, mask = prompts([[("text", 2), *video, ("text", 3)]])
     return dict(
         input_ids=ids,
         attention_mask=mask,
@@ -133,7 +150,7 @@ def _case(name: str):
 
 @pytest.mark.parametrize("case", ["two_images", "batch", "video"])
 def test_nothing_merged_is_the_model(model, case):
-    inputs = _case(case)
+    inputs = _case(case, model)
     with torch.no_grad():
         expected = model(**inputs).logits
         dymu.apply(model, thresholds=never(model), vtu=True)
@@ -202,7 +219,7 @@ def _expected_mapping(trace, ids, outputs: dict) -> list[list[int]]:
 
 @pytest.mark.parametrize("case", ["batch", "video"])
 def test_mapping_matches_a_trace_of_the_model(model, case):
-    inputs = _case(case)
+    inputs = _case(case, model)
     trace = _trace_units(model, inputs)
     thresholds = calibrated(model, {k: v for k, v in inputs.items() if "grid" in k or "pixel" in k})
     encoder = hf_qwen_vl.build_encoder(model, thresholds)
@@ -235,13 +252,14 @@ def _record_lm_inputs(model):
     calls = []
 
     def record(module, args, kwargs):
-        calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids", "vtu_mapping")})
+        names = ("inputs_embeds", "position_ids", "vtu_mapping", "visual_pos_masks")
+        calls.append({k: kwargs.get(k) for k in (*names, "deepstack_visual_embeds")})
 
     return calls, model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
 
 
 def test_greedy_generate_with_vtu_is_naive_full_length_vtu(model):
-    inputs = _case("batch")
+    inputs = _case("batch", model)
     thresholds = calibrated(
         model, {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
     )
@@ -263,10 +281,12 @@ def test_greedy_generate_with_vtu_is_naive_full_length_vtu(model):
     seq, positions = prefill["inputs_embeds"], prefill["position_ids"]
     positions = positions[-3:] if positions.shape[0] == 4 else positions
     seq_map, mask = mapping, inputs["attention_mask"]
+    visual, rows = prefill["visual_pos_masks"], prefill["deepstack_visual_embeds"]
+    stack = None if rows is None else (visual, rows)  # Qwen3-VL's DeepStack
     tokens = []
     with torch.no_grad():
         for step in range(steps):
-            logits = naive_logits(lm, head, seq, seq_map, mask, rope_positions=positions)
+            logits = naive_logits(lm, head, seq, seq_map, mask, positions, stack)
             nxt = logits[:, -1].argmax(-1)
             tokens.append(nxt)
             if step + 1 == steps:

@@ -34,6 +34,8 @@ class EncoderOutput:
     block_lengths: torch.Tensor  # (B, blocks run): tokens per image after each block
     # ``lengths`` as the host knows them after the forward's one wait (no read needed)
     host_lengths: tuple[int, ...] | None = field(default=None, repr=False)
+    # what feature heads read from earlier blocks (Qwen3-VL's DeepStack), one output each
+    features: tuple[EncoderOutput, ...] = field(default=(), repr=False)
 
     def to_list(self) -> list[torch.Tensor]:
         """One unpadded ``(L_i, D)`` tensor per image."""

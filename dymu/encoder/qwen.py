@@ -1,4 +1,5 @@
-"""DyMU in Qwen2-VL and Qwen2.5-VL vision towers: whole 2x2 units merged inside windows.
+"""DyMU in Qwen2-VL, Qwen2.5-VL and Qwen3-VL vision towers: whole 2x2 units merged inside
+windows.
 
 Two choices, and why (README: Qwen2-VL and Qwen2.5-VL):
 
@@ -24,6 +25,7 @@ the output is the tower's own, to float rounding.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -52,6 +54,8 @@ from ..towers.hf_qwen_vl import Embedded, QwenVisionTower
 from .model import EncoderOutput
 
 log = logging.getLogger(__name__)
+# index_reduce_ (positions="unmerge") says once per process that its API is in beta
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", category=UserWarning)
 
 # how merged units meet the rotary embedding: ``keep`` the destination's position (the
 # default), or ``unmerge`` q/k/v to every original unit inside attention (exact positions,
@@ -162,7 +166,7 @@ class QwenDyMUEncoder(nn.Module):
         start = windows
         groups = windows.pad(constant(_positions(emb.window_units), device), -1).long()
         sizes = None
-        block_lengths = []
+        block_lengths, features = [], []
         for block in range(tower.num_blocks):
             q, k, v = tower.qkv(block, x)
             if self.positions == "unmerge" and sizes is not None:
@@ -184,7 +188,12 @@ class QwenDyMUEncoder(nn.Module):
                 x, rope, sizes, groups, windows = step
             x = x + tower.mlp(block, x)
             block_lengths.append(_frames(windows, emb))
-        return _output(tower.merger(x), sizes, groups, windows, start, emb, block_lengths)
+            if block in tower.feature_blocks:  # DeepStack: this block's merged tokens, too
+                head = tower.feature_head(block, x)
+                features.append(_output(head, sizes, groups, windows, start, emb, block_lengths))
+        out = _output(tower.merger(x), sizes, groups, windows, start, emb, block_lengths)
+        out.features = tuple(features)
+        return out
 
     def _attend_unmerged(
         self, block: int, qkv: tuple[torch.Tensor, ...], rows: torch.Tensor, emb: Embedded

@@ -32,6 +32,8 @@ FAMILIES = {
         "Qwen2VLModel",
         "Qwen2_5_VLForConditionalGeneration",
         "Qwen2_5_VLModel",
+        "Qwen3VLForConditionalGeneration",
+        "Qwen3VLModel",
     ),
 }
 

@@ -1,6 +1,6 @@
-"""DyMU in transformers' Qwen2-VL and Qwen2.5-VL (``Qwen2VLForConditionalGeneration``,
-``Qwen2_5_VLForConditionalGeneration`` and their inner models): images, several images per
-prompt, video.
+"""DyMU in transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``,
+``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration`` and their inner
+models): images, several images per prompt, video.
 
 ``apply(model, thresholds=...)`` patches the instance. The vision tower is stood in for by
 :class:`~dymu.encoder.qwen.QwenDyMUEncoder` over the tower's own weights; it merges whole 2x2
@@ -10,13 +10,17 @@ tokens repeated over their units: the prompt keeps the unmodified model's layout
 3D positions (``rope_deltas`` stay the model's own bookkeeping). With ``vtu=True`` the language
 model runs virtual token unmerging with one slot per merged token (:mod:`dymu.lm.vtu`: its
 attention calls the family's own rotary function with the full-length 3D positions); with
-``vtu=False`` it runs unchanged. ``generate()`` works as before; ``remove`` restores exactly.
+``vtu=False`` it runs unchanged. Qwen3-VL's DeepStack features follow the same mapping: the
+DeepStack mergers read the merged tokens of their blocks, repeated over their units, and under
+VTU the language model adds them to its slots (a slot's positions carry one group's row, so
+its mean is that row). ``generate()`` works as before; ``remove`` restores exactly.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +33,7 @@ from ..engine.packing import upload
 from ..engine.schedule import make_schedule
 from ..errors import DyMUError
 from ..lm.layouts import place_keys, slot_mapping
+from ..lm.slots import SlotPlan
 from ..lm.vtu import apply_vtu, patch_forward_with_mapping, remove_vtu
 from ..patching import call_prior, named_arguments, patch, temporarily, unpatch
 from ..thresholds import Thresholds
@@ -37,6 +42,7 @@ _STATE = "_dymu_qwen_vl"
 CLASSES = {  # outer class -> its inner model class, in transformers
     "Qwen2VLForConditionalGeneration": "Qwen2VLModel",
     "Qwen2_5_VLForConditionalGeneration": "Qwen2_5_VLModel",
+    "Qwen3VLForConditionalGeneration": "Qwen3VLModel",
 }
 # modality -> (pixel argument, grid argument, the model's feature method, placeholder token)
 _MODALITIES = {
@@ -51,6 +57,9 @@ class _State:
     vtu: bool
     # outputs encoded ahead of the model's own feature call (forward / generate with VTU)
     ready: dict[str, EncoderOutput] = field(default_factory=dict)
+    # the language model's slot plan during a VTU forward (for DeepStack's additions)
+    plan: list = field(default_factory=list)
+    handles: list = field(default_factory=list)
 
 
 def build_encoder(
@@ -85,9 +94,12 @@ def apply(
     if thresholds is None:
         raise DyMUError("hf_qwen_vl.apply needs thresholds=FILE (calibrated for this tower)")
     encoder = build_encoder(model, thresholds)
+    state = _State(encoder, vtu)
     if vtu:
         apply_vtu(vlm.language_model)
-    vlm.__dict__[_STATE] = _State(encoder, vtu)  # out of the module tree: shares the weights
+        if hasattr(type(vlm.language_model), "_deepstack_process"):
+            _follow_deepstack(vlm.language_model, state)
+    vlm.__dict__[_STATE] = state  # out of the module tree: shares the weights
     for modality in _MODALITIES:
         method = _MODALITIES[modality][2]
         if hasattr(type(vlm), method):
@@ -113,6 +125,10 @@ def remove(model: nn.Module) -> nn.Module:
         unpatch(model, "generate")
         unpatch(model, "forward")
     if state.vtu:
+        for handle in state.handles:
+            handle.remove()
+        if state.handles:
+            unpatch(vlm.language_model, "_deepstack_process")
         remove_vtu(vlm.language_model)
     return model
 
@@ -136,9 +152,14 @@ def _feature_method(modality: str):
         if out is None:
             out = state.encoder(call[pixels_arg], call[grid_arg])
         rows = expand_units(out)
+        output = BaseModelOutputWithPooling
+        extra = {}
+        if out.features:  # Qwen3-VL: the family's output class, DeepStack rows beside
+            output = sys.modules[type(self).__module__].BaseModelOutputWithDeepstackFeatures
+            extra = {"deepstack_features": [expand_units(f) for f in out.features]}
 
         def tower_forward(*_args, **_kwargs):
-            return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=rows)
+            return output(last_hidden_state=None, pooler_output=rows, **extra)
 
         with temporarily(self.visual, "forward", tower_forward):
             return call_prior(self, method, **call)
@@ -152,6 +173,39 @@ def _keep_signature(vlm: nn.Module, method: str, func):
     arguments it hands a feature method from that signature."""
     func.__signature__ = inspect.signature(getattr(type(vlm), method))
     return func
+
+
+def _follow_deepstack(lm: nn.Module, state: _State) -> None:
+    """Qwen3-VL's DeepStack under VTU: its additions to visual positions go to their slots.
+
+    The text model adds DeepStack rows at the visual positions of its full-length hidden
+    states (``_deepstack_process``); under VTU those are packed slots. The rows are placed at
+    full length and averaged per slot with the forward's plan, which a pre-hook keeps.
+    """
+
+    def keep_plan(module, args, kwargs):
+        plan = kwargs.get("vtu_mapping")
+        state.plan[:] = [plan] if isinstance(plan, SlotPlan) else []
+
+    def drop_plan(module, args, kwargs, output):
+        state.plan.clear()
+
+    def deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds):
+        plan = state.plan[0] if state.plan else None
+        if plan is None or hidden_states.shape[:2] == tuple(visual_pos_masks.shape):
+            return call_prior(
+                self, "_deepstack_process", hidden_states, visual_pos_masks, visual_embeds
+            )
+        mask = visual_pos_masks.to(hidden_states.device)
+        rows = hidden_states.new_zeros(*mask.shape, hidden_states.shape[-1])
+        rows[mask] = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+        return hidden_states + plan.pack(rows)[None]
+
+    state.handles += [
+        lm.register_forward_pre_hook(keep_plan, with_kwargs=True),
+        lm.register_forward_hook(drop_plan, with_kwargs=True),
+    ]
+    patch(lm, "_deepstack_process", deepstack_process)
 
 
 def _forward(self: nn.Module, *args, **kwargs):

@@ -1,12 +1,14 @@
-"""Adapter for the vision towers of transformers' Qwen2-VL and Qwen2.5-VL.
+"""Adapter for the vision towers of transformers' Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
 
 These towers differ from the ViTs the other adapters read (``towers.base``): every image is
 a flat run of patches (``pixel_values (T, C * t * p * p)`` with ``grid_thw``), 2D rotary
 position embeddings rotate q/k in every block, Qwen2.5-VL attends inside 112-pixel windows in
 all blocks but a few, and a patch merger turns each 2x2 *unit* of neighbouring patches into
-one LLM token. So the adapter hands out units, windows and the rotary tables beside the
-usual ``qkv`` / ``attn_out`` / ``mlp`` seam, and :class:`dymu.encoder.qwen.QwenDyMUEncoder`
-merges whole units inside windows (see there why).
+one LLM token. Qwen3-VL adds learned position embeddings (resampled to each image's grid) and
+DeepStack: extra patch mergers read the hidden states of a few blocks and feed early LLM
+layers. So the adapter hands out units, windows and the rotary tables beside the usual
+``qkv`` / ``attn_out`` / ``mlp`` seam, and the feature heads of those blocks;
+:class:`dymu.encoder.qwen.QwenDyMUEncoder` merges whole units inside windows (see there why).
 
 The embedding mirrors the first lines of the towers' forwards in transformers 5.18-5.24
 (``get_vision_position_ids``, ``get_vision_window_index``, the tower's own patch embedding
@@ -27,7 +29,11 @@ from ..errors import DyMUError
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel")
+CLASSES = (
+    "Qwen2VisionTransformerPretrainedModel",
+    "Qwen2_5_VisionTransformerPretrainedModel",
+    "Qwen3VLVisionModel",
+)
 # Qwen2.5-VL's window (pixels); Qwen2-VL has no windows, and dymu merges inside windows of
 # this size there too, so a schedule means the same thing in both families
 DEFAULT_WINDOW = 112
@@ -86,7 +92,11 @@ class QwenVisionTower(nn.Module):
         self.patch_size = int(config.patch_size)
         self.merge_size = int(config.spatial_merge_size)
         self.unit = self.merge_size**2
-        self.out_width = int(tower.merger.mlp[-1].out_features)
+        merger = tower.merger
+        last = getattr(merger, "linear_fc2", None) or merger.mlp[-1]
+        self.out_width = int(last.out_features)
+        # Qwen3-VL's DeepStack: blocks whose hidden states also go through a patch merger
+        self.feature_blocks = [int(b) for b in getattr(config, "deepstack_visual_indexes", ())]
         self.window_size = int(getattr(config, "window_size", None) or DEFAULT_WINDOW)
         full = getattr(config, "fullatt_block_indexes", None)
         # blocks that attend inside windows (Qwen2.5-VL); the rest attend over a whole frame
@@ -151,6 +161,8 @@ class QwenVisionTower(nn.Module):
         grid = grid_thw.cpu()
         t, h, w = grid.numpy().T
         x = tower.patch_embed(pixel_values.to(self.patch_weight.dtype))
+        if getattr(tower, "pos_embed", None) is not None:  # Qwen3-VL: learned, resampled
+            x = x + self._learned_positions(grid).to(x.device, x.dtype)
         positions = get_vision_position_ids(grid, self.merge_size).to(x.device)
         cos, sin = tower.rotary_pos_emb(x, positions)
         window_index, bounds = get_vision_window_index(
@@ -164,6 +176,23 @@ class QwenVisionTower(nn.Module):
         frame_ends = np.cumsum(frame_units)
         window_frame = np.searchsorted(frame_ends, np.cumsum(window_units), side="left")
         return Embedded(x, rope, window_units, window_frame, frame_units.tolist(), window_index)
+
+    def _learned_positions(self, grid: torch.Tensor) -> torch.Tensor:
+        """Qwen3-VL's learned position table resampled to every patch (unit order), as its
+        forward does (transformers 5.18-5.24)."""
+        from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+        tower = self.tower
+        indices, weights = get_vision_interpolation_indices_and_weights(
+            grid,
+            num_grid_per_side=tower.num_grid_per_side,
+            mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners,
+            spatial_merge_size=self.merge_size,
+        )
+        device = tower.pos_embed.weight.device
+        table = tower.pos_embed(indices.to(device))
+        return (table * weights.to(device, table.dtype)[:, :, None]).sum(1)
 
     def _window_order(self, t: torch.Tensor, window_index: torch.Tensor) -> torch.Tensor:
         """Patch rows regrouped by unit into window order (the tower's own permutation)."""
@@ -194,3 +223,7 @@ class QwenVisionTower(nn.Module):
     def merger(self, x: torch.Tensor) -> torch.Tensor:
         """The tower's 2x2 patch merger: ``(U * unit, D)`` patches -> ``(U, out)`` tokens."""
         return self.tower.merger(x)
+
+    def feature_head(self, block: int, x: torch.Tensor) -> torch.Tensor:
+        """The DeepStack merger reading block ``block``'s output: ``(U, out)`` tokens."""
+        return self.tower.deepstack_merger_list[self.feature_blocks.index(block)](x)
