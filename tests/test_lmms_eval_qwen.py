@@ -1,0 +1,192 @@
+"""``dymu_qwen2_5_vl`` end to end, with no network: lmms-eval's own CLI (one process for every
+run) evaluates a tiny Qwen2.5-VL on a local task of real photos, as lmms-eval's plain
+``qwen2_5_vl`` and as ``dymu_qwen2_5_vl``; lmms-eval's Qwen path (chat template,
+``qwen_vl_utils``, its processor at dynamic resolution) runs unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from qwen_vlms import END, IMAGE, PAD, START, VIDEO, build
+from test_lmms_eval import DOCS, TASK, UTILS, _read, _stats
+
+import dymu
+from dymu import Thresholds
+from dymu.integrations import hf_qwen_vl
+
+# the eval extra: lmms-eval, and qwen_vl_utils, which its Qwen models import; a missing one
+# fails here, by name, not as a skip
+for needed in ("lmms_eval", "qwen_vl_utils"):
+    __import__(needed)
+
+WORDS = "system You are a helpful assistant . user what is in the photo ? cat rocket".split()
+WORDS += "coffee astronaut yes no".split()
+SPECIALS = {
+    PAD: "<|endoftext|>", 1: "[UNK]", 2: "<|im_start|>", 3: "<|im_end|>", IMAGE: "<|image_pad|>",
+    VIDEO: "<|video_pad|>", START: "<|vision_start|>", END: "<|vision_end|>",
+}  # fmt: skip
+TEMPLATE = (  # Qwen's chat template, shortened
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+PIXELS = "min_pixels=3136,max_pixels=50176"  # photos at most 224 x 224: 64 LLM tokens
+
+
+def processor():
+    """Qwen2.5-VL's processor over a word-level tokenizer built offline (the tiny model's
+    300 ids, Qwen's special tokens at the model's ids)."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    fillers = iter([*WORDS, *(f"w{i}" for i in range(300))])
+    vocab = [SPECIALS.get(i) or next(fillers) for i in range(300)]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS.values()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=fast,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=TEMPLATE,
+    )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, photo_dir):
+    """The saved model and processor, the task, and thresholds that merge nothing / some."""
+    root = tmp_path_factory.mktemp("lmms_eval_qwen")
+    model, proc = build("qwen2_5_vl"), processor()
+    model.save_pretrained(root / "model")
+    proc.save_pretrained(root / "model")
+    images = [Image.open(p).convert("RGB") for p in sorted((photo_dir / "img").glob("*.jpg"))]
+    small = {"size": {"shortest_edge": 3136, "longest_edge": 50176}}
+    batches = [
+        proc.image_processor(images[i : i + 4], **small, return_tensors="pt") for i in (0, 4, 8)
+    ]
+    encoder = hf_qwen_vl.build_encoder(model, r_total=3)
+    dymu.find_thresholds(encoder, [dict(b) for b in batches]).save(root / "merge.safetensors")
+    never = Thresholds.from_values(
+        torch.ones(4), torch.tensor(encoder.r), encoder.identity.metadata()
+    )
+    never.save(root / "never.safetensors")
+    task = root / "task"
+    task.mkdir()
+    docs = [
+        {"image": str(photo_dir / "img" / f"{n}.jpg"), "question": q, "answer": a}
+        for n, q, a in DOCS
+    ]
+    (task / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (task / "dymu_tiny.yaml").write_text(TASK.format(data=task / "data.jsonl"))
+    (task / "utils.py").write_text(UTILS)
+    return root, model, proc, docs
+
+
+RUNS = {  # name -> (model, model_args beyond pretrained, device_map and pixels)
+    "plain": ("qwen2_5_vl", ""),
+    "never": ("dymu_qwen2_5_vl", ",thresholds={root}/never.safetensors"),
+    "merge": ("dymu_qwen2_5_vl", ",thresholds={root}/merge.safetensors,vtu=True"),
+    "neither": ("dymu_qwen2_5_vl", ",vtu=True"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(built):
+    """Every run of :data:`RUNS` through lmms-eval's CLI in one process."""
+    root = built[0]
+    config = [
+        dict(
+            model=model,
+            model_args=f"pretrained={root}/model,device_map=cpu,{PIXELS}" + args.format(root=root),
+            tasks="dymu_tiny",
+            include_path=str(root / "task"),
+            log_samples=True,
+            output_path=str(root / "out" / name),
+            device="cpu",
+            batch_size=1,
+        )
+        for name, (model, args) in RUNS.items()
+    ]
+    (root / "runs.yaml").write_text(yaml.safe_dump(config))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        HF_HOME=str(root / "hf"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", "--config", str(root / "runs.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-5000:]
+    found = {name: _read(root / "out" / name) for name in RUNS if name != "neither"}
+    assert all(found.values()), output[-5000:]  # lmms-eval logs a failed run and goes on
+    return found, output
+
+
+def test_the_qwen_plugin_is_found_through_lmms_eval_entry_points(runs):
+    found, _ = runs
+    backend = found["merge"][0]["config"]["model_backend"]
+    assert backend == "dymu.integrations.lmms_eval.qwen_vl.DyMUQwen2_5_VLChat (chat)"
+
+
+def test_nothing_merged_answers_equal_plain_qwen2_5_vl(runs):
+    found, _ = runs
+    (plain, plain_out), (never, never_out) = found["plain"], found["never"]
+    assert sorted(plain_out) == list(range(len(DOCS)))
+    assert any(text.strip() for text in plain_out.values())  # a real comparison, not ""s
+    assert never_out == plain_out
+    assert never["results"]["dymu_tiny"] == plain["results"]["dymu_tiny"]
+    stats = _stats(never)
+    assert stats["count"] == len(DOCS) and stats["unmerged"] == 0  # dynamic resolution
+
+
+def test_merging_keeps_fewer_tokens_and_says_so(runs):
+    found, output = runs
+    never, merged = _stats(found["never"][0]), _stats(found["merge"][0])
+    assert merged["count"] == len(DOCS) and merged["mean"] < never["mean"]
+    assert "DyMU visual tokens per frame (an image, or a video's temporal patch): mean" in output
+
+
+def test_missing_thresholds_are_refused_before_loading(runs):
+    _, output = runs
+    assert "dymu_qwen2_5_vl needs thresholds=FILE in --model_args" in output
+
+
+def test_the_qwen3_vl_manifest_names_classes_over_lmms_evals_own():
+    import importlib
+
+    from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
+
+    from dymu.integrations.lmms_eval import qwen3_vl_manifest
+
+    found = qwen3_vl_manifest()
+    module, name = found.chat_class_path.rsplit(".", 1)
+    chat = getattr(importlib.import_module(module), name)
+    assert found.model_id == "dymu_qwen3_vl" and issubclass(chat, Qwen3_VL)
