@@ -6,6 +6,8 @@ the model's own placement, greedy decoding against naive full-length VTU, and
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -368,6 +370,14 @@ def test_find_thresholds_cli_on_a_model_folder(name, tmp_path, photo_dir):
     assert images == listed and found.count[0] > 0
     dymu.apply(model, thresholds=out)  # made for this tower: accepted
     dymu.remove(model)
+    # dymu-encode on the same folder: token counts per photo and pictures of the groups
+    photo = photo_dir / "img" / "coffee.jpg"
+    cmd = [shutil.which("dymu-encode"), photo, "--hf-model", folder, "--thresholds", out]
+    cmd += ["--show", tmp_path / "show", "--per-block"]
+    shown = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "tokens" in shown.stdout and "per block" in shown.stdout
+    assert (tmp_path / "show" / "coffee.dymu.png").is_file()
 
 
 def test_batches_of_flat_patch_runs_concatenate():

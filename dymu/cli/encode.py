@@ -270,7 +270,8 @@ def _show(target: Path, path: str, inputs, out, encoder, index: int) -> Path:
     from ..encoder.visualize import merge_picture
 
     rows, cols = encoder.tower.patch_grid(inputs, index)
-    caption = f"{Path(path).name}: {int(out.lengths[index])} tokens from {rows * cols} patches"
+    what = "2x2 units" if hasattr(encoder.tower, "unit") else "patches"  # Qwen-VL: units merge
+    caption = f"{Path(path).name}: {int(out.lengths[index])} tokens from {rows * cols} {what}"
     try:
         merge_picture(encoder, inputs, out, caption, index).save(target)
     except OSError as exc:

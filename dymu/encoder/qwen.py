@@ -73,6 +73,9 @@ class QwenDyMUEncoder(nn.Module):
     tower's patch merger), and ``groups``, the merged token of every unit in raster order.
     """
 
+    fixed_r = False  # no ToMe mode for these towers: thresholds decide
+    drop_cls = False  # no prefix tokens
+
     def __init__(
         self,
         tower: nn.Module,

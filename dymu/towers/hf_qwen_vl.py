@@ -69,6 +69,15 @@ class QwenPreprocess:
         out = self.processor(images=[image], return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """The processor's normalisation (pictures of merged groups undo it)."""
+        return tuple(self.processor.image_mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.processor.image_std)
+
 
 class QwenVisionTower(nn.Module):
     """A transformers Qwen2-VL or Qwen2.5-VL vision tower seen block by block."""
@@ -198,6 +207,23 @@ class QwenVisionTower(nn.Module):
         """Patch rows regrouped by unit into window order (the tower's own permutation)."""
         rows = t.reshape(-1, self.unit, t.shape[-1])
         return rows.index_select(0, window_index).reshape(t.shape)
+
+    def patch_grid(self, inputs, index: int) -> tuple[int, int]:
+        """Unit rows and columns of image ``index`` of a processor batch (pictures of merged
+        groups are drawn per 2x2 unit: a unit is what merges)."""
+        _, h, w = inputs["image_grid_thw"][index].tolist()
+        return h // self.merge_size, w // self.merge_size
+
+    def image_tensor(self, inputs, index: int) -> torch.Tensor:
+        """Image ``index`` as normalised ``(3, H, W)`` pixels, put back together from the
+        processor's flat patches (unit by unit, the first temporal slice)."""
+        grid = inputs["image_grid_thw"]
+        first = int(grid[:index].prod(-1).sum())
+        t, h, w = grid[index].tolist()
+        m, p = self.merge_size, self.patch_size
+        rows = inputs["pixel_values"][first : first + h * w].float().cpu()
+        patches = rows.view(h // m, w // m, m, m, 3, -1, p, p)[:, :, :, :, :, 0]
+        return patches.permute(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
 
     def qkv(self, block: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pre-norm and in-projection: q, k, v each ``(P, D)``, before the rotation."""
