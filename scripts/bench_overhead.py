@@ -18,6 +18,10 @@ Two parts, built from configs with random (seeded) weights, nothing downloaded:
   ``bench_vlm``'s LLaVA-1.5-shaped model (``--small`` shape; ``--quick``: its ``quick`` shape),
   ``vanilla`` beside ``dymu+VTU`` (``hf_llava.apply(model, thresholds, vtu=True)``) and
   ``dymu no-VTU`` (``vtu=False``), thresholds as ``bench_vlm`` calibrates them.
+* **qwen** (asked for with ``--parts qwen``): one prefill of ``bench_vlm_qwen``'s
+  Qwen2.5-VL-shaped model (``small``; ``--quick``: ``quick``), tower included, ``vanilla``
+  beside ``dymu+VTU`` at the DyMU-low budget. No budget is set for it yet: the rows say where
+  it stands.
 
 Images of different lengths attend the way ``attention="auto"`` takes on a GPU (one padded
 SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image.
@@ -60,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_encoder import DTYPES  # noqa: E402
 
 import dymu  # noqa: E402
+import dymu.integrations.hf_qwen_vl  # noqa: E402
 from dymu.engine.attention import auto_way  # noqa: E402
 from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
@@ -223,6 +228,32 @@ def vlm_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def qwen_rows(args: argparse.Namespace) -> list[Row]:
+    """One prefill of the Qwen2.5-VL-shaped model, vanilla and dymu+VTU (low budget)."""
+    import bench_vlm_qwen
+
+    shape = "quick" if args.quick else "small"
+    ns = bench_vlm_qwen.parse_args(["--device", args.device, "--dtype", args.dtype])
+    ns.shape = shape
+    model = bench_vlm_qwen.build_model(ns)
+    photos = [load_rgb(p) for p in open_source(str(args.data)).paths]
+    images = bench_vlm_qwen.photo_inputs(ns, photos)
+    batches = [bench_vlm_qwen.batch_of(images[i : i + 4]) for i in range(0, len(images), 4)]
+    with torch.inference_mode():
+        found = bench_vlm_qwen.calibrate(model, batches, bench_vlm_qwen.BUDGETS["low"])
+    models = {"vanilla": model, "dymu+VTU": dymu.apply(bench_vlm_qwen.shared_copy(model), found)}
+    dymu.integrations.hf_qwen_vl.encoder_of(models["dymu+VTU"]).attention = gpu_way(args)
+    rows = []
+    for bsz in args.batch_sizes:
+        inputs = bench_vlm_qwen.model_inputs(pick(images, bsz, 0), args.device)
+        roots = [t for t in inputs.values() if torch.is_tensor(t)]
+        counts = {v: count_forward(prefill(m, inputs), m, *roots) for v, m in models.items()}
+        base = counts["vanilla"].ops
+        rows += [make_row("qwen", f"qwen2.5-vl-{shape}", v, bsz, c, base, None, None)
+                 for v, c in counts.items()]  # fmt: skip
+    return rows
+
+
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else "within" if ok else "OVER"
 
@@ -278,7 +309,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp16 on cuda, else fp32")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 8")
-    p.add_argument("--parts", nargs="+", choices=["encoder", "vlm"], default=["encoder", "vlm"])
+    parts = ["encoder", "vlm", "qwen"]
+    p.add_argument("--parts", nargs="+", choices=parts, default=["encoder", "vlm"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, batch 1 and 2 (CI)")
     p.add_argument("--top", type=int, default=0, help="list the N ops dymu adds most")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -302,6 +334,8 @@ def main() -> None:
             rows += encoder_rows(args)
         if "vlm" in args.parts:
             rows += vlm_rows(args)
+        if "qwen" in args.parts:
+            rows += qwen_rows(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"torch {torch.__version__}, {device}, {args.dtype}; per forward (VLM: one prefill)")
     print_table(rows)

@@ -36,6 +36,9 @@ class EncoderOutput:
     host_lengths: tuple[int, ...] | None = field(default=None, repr=False)
     # what feature heads read from earlier blocks (Qwen3-VL's DeepStack), one output each
     features: tuple[EncoderOutput, ...] = field(default=(), repr=False)
+    # entries of ``groups`` per row as the host knows them, where rows differ (Qwen-VL's
+    # dynamic resolution: units per frame); ``None``: every row is full
+    host_inputs: tuple[int, ...] | None = field(default=None, repr=False)
 
     def to_list(self) -> list[torch.Tensor]:
         """One unpadded ``(L_i, D)`` tensor per image."""

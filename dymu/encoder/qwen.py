@@ -47,7 +47,7 @@ from ..engine.merge import (
     track,
     with_sizes,
 )
-from ..engine.packing import Packing, constant
+from ..engine.packing import Packing, constant, upload
 from ..errors import DyMUError, MissingThresholds
 from ..thresholds import Thresholds, TowerIdentity
 from ..towers.hf_qwen_vl import Embedded, QwenVisionTower
@@ -278,15 +278,17 @@ def _output(
     units = Packing.from_lengths(emb.frame_units, device)
     if sizes is None:
         sizes = features.new_ones(features.shape[0], dtype=torch.float32)
-    lengths = torch.tensor(frame_lengths, device=device)
+    lengths = upload(np.asarray(frame_lengths), device)  # made on the host: no wait
+    per_block = upload(np.asarray(block_lengths).T.reshape(len(frame_lengths), -1), device)
     return EncoderOutput(
         tokens=frames.pad(features),
         lengths=lengths,
         sizes=frames.pad(sizes),
         groups=units.pad(raster, -1).long(),
         pooled=None,
-        block_lengths=torch.tensor(block_lengths, device=device).T.reshape(len(frame_lengths), -1),
+        block_lengths=per_block,
         host_lengths=tuple(frame_lengths),
+        host_inputs=tuple(emb.frame_units),
     )
 
 
@@ -297,7 +299,7 @@ def expand_units(out: EncoderOutput) -> torch.Tensor:
     rows = out.tokens.gather(
         1, out.groups.clamp(min=0)[..., None].expand(-1, -1, out.tokens.shape[-1])
     )
-    return rows[out.groups >= 0]
+    return Packing.from_lengths(out.host_inputs, rows.device).pack(rows)  # no host read
 
 
 def _frames(windows: Packing, emb: Embedded) -> list[int]:

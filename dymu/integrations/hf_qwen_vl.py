@@ -29,7 +29,7 @@ from torch import nn
 
 from ..encoder.model import EncoderOutput
 from ..encoder.qwen import QwenDyMUEncoder, expand_units
-from ..engine.packing import upload
+from ..engine.packing import Packing, upload
 from ..engine.schedule import make_schedule
 from ..errors import DyMUError
 from ..lm.layouts import place_keys, slot_mapping
@@ -259,7 +259,8 @@ def _encode(vlm: nn.Module, kwargs: dict) -> dict:
             state.ready[modality] = out
         lengths = np.asarray(out.host_lengths)
         first = upload(np.cumsum(lengths) - lengths + first_key, out.groups.device)  # per frame
-        unit_keys = (out.groups + first[:, None])[out.groups >= 0]
+        units = Packing.from_lengths(out.host_inputs, out.groups.device)
+        unit_keys = units.pack(out.groups + first[:, None])  # every unit, frame by frame
         first_key += sum(out.host_lengths)
         mask = input_ids == getattr(vlm.config, token)
         placed = place_keys(mask, unit_keys, modality)
