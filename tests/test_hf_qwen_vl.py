@@ -116,38 +116,27 @@ def _case(name: str, model=None):
     puts each temporal patch of a video between its own start and end tokens)."""
     if name == "two_images":
         pix, grid = pixels(IMAGES[:2])
-        ids, mask = prompts([[("text", 3), ("image", 24), ("text", 2), ("image", 8), ("text", 2)]])
-        return dict(
-            input_ids=ids,
-            attention_mask=mask,
-            mm_token_type_ids=token_types(ids),
-            pixel_values=pix,
-            image_grid_thw=grid,
-        )
-    if name == "batch":
+        rows = [[("text", 3), ("image", 24), ("text", 2), ("image", 8), ("text", 2)]]
+    elif name == "batch":
         pix, grid = pixels([IMAGES[0], IMAGES[2]])
         rows = [[("text", 2), ("image", 24), ("text", 3)], [("image", 6), ("text", 4)]]
-        ids, mask = prompts(rows)
-        return dict(
-            input_ids=ids,
-            attention_mask=mask,
-            mm_token_type_ids=token_types(ids),
-            pixel_values=pix,
-            image_grid_thw=grid,
-        )
-    pix, grid = pixels([(2, 4, 8)])
-    if "Qwen3" in type(model).__name__:
-        video = [("video", units((1, 4, 8))), ("text", 1), ("video", units((1, 4, 8)))]
     else:
-        video = [("video", units((2, 4, 8)))]
-    ids, mask = prompts([[("text", 2), *video, ("text", 3)]])
-    return dict(
-        input_ids=ids,
-        attention_mask=mask,
-        mm_token_type_ids=token_types(ids),
-        pixel_values_videos=pix,
-        video_grid_thw=grid,
-    )
+        pix, grid = pixels([(2, 4, 8)])
+        if "Qwen3" in type(model).__name__:
+            video = [("video", units((1, 4, 8))), ("text", 1), ("video", units((1, 4, 8)))]
+        else:
+            video = [("video", units((2, 4, 8)))]
+        rows = [[("text", 2), *video, ("text", 3)]]
+    ids, mask = prompts(rows)
+    kind = "video" if name == "video" else "image"
+    pixel_arg = "pixel_values_videos" if kind == "video" else "pixel_values"
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": token_types(ids),
+        pixel_arg: pix,
+        f"{kind}_grid_thw": grid,
+    }
 
 
 @pytest.mark.parametrize("case", ["two_images", "batch", "video"])

@@ -153,10 +153,21 @@ def runs(built):
     """Every run of :data:`RUNS` through lmms-eval's CLI in one process: results, samples by
     doc id, and the combined output."""
     root = built[0]
+    runs = {
+        name: (model, f"pretrained={root}/model,device_map=cpu" + args.format(root=root), more)
+        for name, (model, args, more) in RUNS.items()
+    }
+    return run_lmms_eval(root, runs, refused={"neither"})
+
+
+def run_lmms_eval(root: Path, runs: dict, refused: set[str]) -> tuple[dict, str]:
+    """``python -m lmms_eval --config`` over ``runs`` (name -> (model, model_args, more CLI
+    settings)) on the local task, offline, in one process: ``(results and samples by run, the
+    combined output)``; runs in ``refused`` must fail to load (lmms-eval logs and goes on)."""
     config = [
         dict(
             model=model,
-            model_args=f"pretrained={root}/model,device_map=cpu" + args.format(root=root),
+            model_args=args,
             tasks="dymu_tiny",
             include_path=str(root / "task"),
             log_samples=True,
@@ -165,7 +176,7 @@ def runs(built):
             batch_size=1,
             **more,
         )
-        for name, (model, args, more) in RUNS.items()
+        for name, (model, args, more) in runs.items()
     ]
     (root / "runs.yaml").write_text(yaml.safe_dump(config))
     env = dict(
@@ -186,7 +197,7 @@ def runs(built):
     )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
-    found = {name: _read(root / "out" / name) for name in RUNS if name != "neither"}
+    found = {name: _read(root / "out" / name) for name in runs if name not in refused}
     assert all(found.values()), output[-5000:]  # lmms-eval logs a failed run and goes on
     return found, output
 

@@ -6,16 +6,12 @@ run) evaluates a tiny Qwen2.5-VL on a local task of real photos, as lmms-eval's 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 from qwen_vlms import END, IMAGE, PAD, START, VIDEO, build
-from test_lmms_eval import DOCS, TASK, UTILS, _read, _stats
+from test_lmms_eval import DOCS, TASK, UTILS, _stats, run_lmms_eval
 
 import dymu
 from dymu import Thresholds
@@ -113,41 +109,9 @@ RUNS = {  # name -> (model, model_args beyond pretrained, device_map and pixels)
 def runs(built):
     """Every run of :data:`RUNS` through lmms-eval's CLI in one process."""
     root = built[0]
-    config = [
-        dict(
-            model=model,
-            model_args=f"pretrained={root}/model,device_map=cpu,{PIXELS}" + args.format(root=root),
-            tasks="dymu_tiny",
-            include_path=str(root / "task"),
-            log_samples=True,
-            output_path=str(root / "out" / name),
-            device="cpu",
-            batch_size=1,
-        )
-        for name, (model, args) in RUNS.items()
-    ]
-    (root / "runs.yaml").write_text(yaml.safe_dump(config))
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        HF_HOME=str(root / "hf"),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", "--config", str(root / "runs.yaml")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=600,
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
-    found = {name: _read(root / "out" / name) for name in RUNS if name != "neither"}
-    assert all(found.values()), output[-5000:]  # lmms-eval logs a failed run and goes on
-    return found, output
+    base = f"pretrained={root}/model,device_map=cpu,{PIXELS}"
+    runs = {name: (m, base + args.format(root=root), {}) for name, (m, args) in RUNS.items()}
+    return run_lmms_eval(root, runs, refused={"neither"})
 
 
 def test_the_qwen_plugin_is_found_through_lmms_eval_entry_points(runs):

@@ -103,12 +103,7 @@ def build_encoder(
         fixed_r=fixed_r,
         attention=attention,
     )
-    encoder.pretrained = source.pretrained
-    if isinstance(schedule, str):
-        encoder.schedule_name = schedule
-    if device is not None or dtype is not None:
-        encoder = encoder.to(device=device, dtype=dtype)
-    return encoder if isinstance(model, nn.Module) else encoder.eval()
+    return _finish(encoder, source, schedule, device, dtype, model)
 
 
 def _qwen_encoder(source: _Source, r_total, schedule, attention, device, dtype, model):
@@ -126,6 +121,12 @@ def _qwen_encoder(source: _Source, r_total, schedule, attention, device, dtype, 
     r = make_schedule(r_total, source.tower.num_blocks, schedule)
     encoder = QwenDyMUEncoder(source.tower, r, name=source.name, attention=attention)
     encoder.preprocess = source.preprocess or source.tower.preprocess()
+    return _finish(encoder, source, schedule, device, dtype, model)
+
+
+def _finish(encoder, source: _Source, schedule, device, dtype, model):
+    """What every built encoder records and how it is placed: its weights' source and
+    schedule name, the device/dtype asked for, eval mode unless an instance was given."""
     encoder.pretrained = source.pretrained
     if isinstance(schedule, str):
         encoder.schedule_name = schedule

@@ -155,14 +155,18 @@ class QwenDyMUEncoder(nn.Module):
         out = self._run(
             self.tower.embed(*_inputs(inputs, None)),
             [make_rule(b) if r[b] > 0 else None for b in range(self.tower.num_blocks)],
+            heads=False,  # thresholds need no DeepStack features
         )
         device = out.tokens.device
         zero = torch.zeros((), device=device, dtype=torch.float64)
         values = torch.stack([zero if t is None else t.double() for t in found])
         return out, values, torch.tensor([t is not None for t in found], device=device)
 
-    def _run(self, emb: Embedded, merging: Sequence[Merging | None]) -> EncoderOutput:
-        """The block loop over units in window order; merges keep to their windows."""
+    def _run(
+        self, emb: Embedded, merging: Sequence[Merging | None], heads: bool = True
+    ) -> EncoderOutput:
+        """The block loop over units in window order; merges keep to their windows
+        (``heads``: also run the DeepStack feature heads)."""
         tower, unit = self.tower, self.tower.unit
         x, rope, device = emb.x, emb.rope, emb.x.device
         windows = Packing.from_lengths(emb.window_units, device)
@@ -191,7 +195,7 @@ class QwenDyMUEncoder(nn.Module):
                 x, rope, sizes, groups, windows = step
             x = x + tower.mlp(block, x)
             block_lengths.append(_frames(windows, emb))
-            if block in tower.feature_blocks:  # DeepStack: this block's merged tokens, too
+            if heads and block in tower.feature_blocks:  # DeepStack: this block's tokens too
                 head = tower.feature_head(block, x)
                 features.append(_output(head, sizes, groups, windows, start, emb, block_lengths))
         out = _output(tower.merger(x), sizes, groups, windows, start, emb, block_lengths)

@@ -38,6 +38,24 @@ FAMILIES = {
 }
 
 
+def inner_model(model: nn.Module, classes: dict[str, str], who: str) -> nn.Module:
+    """The inner model (``LlavaModel``, ``Qwen2_5_VLModel``, ...) of a model whose class is
+    one of ``classes`` (outer name -> inner name, in transformers) or one of their inner
+    classes; any other is refused in one line naming ``who`` and what it serves."""
+    import transformers
+
+    outer = tuple(getattr(transformers, name) for name in classes)
+    inner = tuple(getattr(transformers, name) for name in classes.values())
+    if isinstance(model, outer):
+        return model.model
+    if isinstance(model, inner):
+        return model
+    raise DyMUError(
+        f"dymu's {who} supports {', '.join(classes)} (and their inner models), "
+        f"not {type(model).__name__}"
+    )
+
+
 def integration_for(model: nn.Module) -> ModuleType:
     """The integration module serving ``model``'s class (or a subclass of one)."""
     names = {

@@ -32,6 +32,7 @@ from ..lm.vtu import apply_vtu, expand_groups, patch_forward_with_mapping, remov
 from ..patching import call_prior, named_arguments, patch, temporarily, unpatch
 from ..thresholds import Thresholds
 from ..towers import adapt
+from .dispatch import inner_model
 
 _STATE = "_dymu_llava"
 CLASSES = {  # outer class -> its inner model class, in transformers
@@ -306,15 +307,4 @@ def _check_feature_choice(encoder: DyMUEncoder, kwargs: dict) -> None:
 
 def _vlm(model: nn.Module) -> nn.Module:
     """The inner model (``LlavaModel`` and kin) of a supported class; others are refused."""
-    import transformers
-
-    outer = tuple(getattr(transformers, name) for name in CLASSES)
-    inner = tuple(getattr(transformers, name) for name in CLASSES.values())
-    if isinstance(model, outer):
-        return model.model
-    if isinstance(model, inner):
-        return model
-    raise DyMUError(
-        f"dymu's hf_llava supports {', '.join(CLASSES)} (and their inner models), "
-        f"not {type(model).__name__}"
-    )
+    return inner_model(model, CLASSES, "hf_llava")

@@ -37,6 +37,7 @@ from ..lm.slots import SlotPlan
 from ..lm.vtu import apply_vtu, patch_forward_with_mapping, remove_vtu
 from ..patching import call_prior, named_arguments, patch, temporarily, unpatch
 from ..thresholds import Thresholds
+from .dispatch import inner_model
 
 _STATE = "_dymu_qwen_vl"
 CLASSES = {  # outer class -> its inner model class, in transformers
@@ -272,15 +273,4 @@ def _encode(vlm: nn.Module, kwargs: dict) -> dict:
 
 def _vlm(model: nn.Module) -> nn.Module:
     """The inner model (``Qwen2_5_VLModel`` and kin) of a supported class; others refused."""
-    import transformers
-
-    outer = tuple(getattr(transformers, name) for name in CLASSES)
-    inner = tuple(getattr(transformers, name) for name in CLASSES.values())
-    if isinstance(model, outer):
-        return model.model
-    if isinstance(model, inner):
-        return model
-    raise DyMUError(
-        f"dymu's hf_qwen_vl supports {', '.join(CLASSES)} (and their inner models), "
-        f"not {type(model).__name__}"
-    )
+    return inner_model(model, CLASSES, "hf_qwen_vl")
