@@ -14,8 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEFAULT_WINDOW = 112
-
 
 class Unit:
     def __init__(self, x, cos, sin, member):
@@ -35,7 +33,7 @@ def _frames(visual, pixels, grid):
     """Per frame: its windows, each a list of :class:`Unit` in window order."""
     cfg = visual.config
     m, patch = cfg.spatial_merge_size, cfg.patch_size
-    side = (getattr(cfg, "window_size", None) or DEFAULT_WINDOW) // m // patch
+    side = (getattr(cfg, "window_size", None) or 4 * m * patch) // m // patch  # 4x4 units
     x = visual.patch_embed(pixels).float()
     inv_freq = visual.rotary_pos_emb.inv_freq.float()
     frames, row = [], 0

@@ -53,7 +53,7 @@ examples:
   {PROG} --data images/ --hf-model ./llava-1.5-7b-hf --r-total 400
 
   # Qwen2-VL / Qwen2.5-VL: images at the model's own dynamic resolution, whole 2x2 units
-  # merged inside 112px windows; --r-total counts merges per window (of 16 units)
+  # merged inside windows of 4x4 units; --r-total counts merges per window (of 16 units)
   {PROG} --data images/ --hf-model ./Qwen2.5-VL-7B-Instruct --r-total 12
 
   # a try on the bundled photos with random weights (no download)

@@ -12,9 +12,9 @@ Two choices, and why (README: Qwen2-VL and Qwen2.5-VL):
   the rotation, side by side; matching, rules and thresholds are the engine's, on units.
 * **Inside windows.** Qwen2.5-VL attends inside 112-pixel windows in most blocks; a merge
   across two windows would leave a token in both. Merging only inside a window keeps every
-  token in one window and the windows' order intact. Qwen2-VL, which has no windows, merges
-  inside windows of the same size, so a schedule (merges per window per block) means the same
-  in both families and does not depend on the image's resolution.
+  token in one window and the windows' order intact. Qwen2-VL and Qwen3-VL, which have no
+  windows, merge inside windows of the same 4x4 units, so a schedule (merges per window per
+  block) means the same in every family and does not depend on the image's resolution.
 
 A merged unit keeps its destination's rotary position (ToMe's approximation; the exact
 alternative, unmerging q/k inside the tower's attention, would keep the attention cost full).

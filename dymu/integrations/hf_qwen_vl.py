@@ -12,8 +12,8 @@ model runs virtual token unmerging with one slot per merged token (:mod:`dymu.lm
 attention calls the family's own rotary function with the full-length 3D positions); with
 ``vtu=False`` it runs unchanged. Qwen3-VL's DeepStack features follow the same mapping: the
 DeepStack mergers read the merged tokens of their blocks, repeated over their units, and under
-VTU the language model adds them to its slots (a slot's positions carry one group's row, so
-its mean is that row). ``generate()`` works as before; ``remove`` restores exactly.
+VTU the language model adds each slot the mean of its positions' DeepStack rows (as VTU
+averages everything per slot). ``generate()`` works as before; ``remove`` restores exactly.
 """
 
 from __future__ import annotations

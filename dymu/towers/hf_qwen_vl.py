@@ -34,9 +34,10 @@ CLASSES = (
     "Qwen2_5_VisionTransformerPretrainedModel",
     "Qwen3VLVisionModel",
 )
-# Qwen2.5-VL's window (pixels); Qwen2-VL has no windows, and dymu merges inside windows of
-# this size there too, so a schedule means the same thing in both families
-DEFAULT_WINDOW = 112
+# Qwen2.5-VL's window, 4x4 units (112 px at 14 px patches); Qwen2-VL and Qwen3-VL have no
+# windows, and dymu merges inside windows of 4x4 units there too, so a schedule (merges per
+# window) means the same thing in every family
+WINDOW_UNITS = 4
 
 
 @dataclass
@@ -106,7 +107,8 @@ class QwenVisionTower(nn.Module):
         self.out_width = int(last.out_features)
         # Qwen3-VL's DeepStack: blocks whose hidden states also go through a patch merger
         self.feature_blocks = [int(b) for b in getattr(config, "deepstack_visual_indexes", ())]
-        self.window_size = int(getattr(config, "window_size", None) or DEFAULT_WINDOW)
+        default = WINDOW_UNITS * self.merge_size * self.patch_size  # pixels
+        self.window_size = int(getattr(config, "window_size", None) or default)
         full = getattr(config, "fullatt_block_indexes", None)
         # blocks that attend inside windows (Qwen2.5-VL); the rest attend over a whole frame
         self.windowed = [full is not None and b not in full for b in range(self.num_blocks)]
