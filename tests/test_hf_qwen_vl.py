@@ -83,6 +83,28 @@ def test_encoder_matches_naive_loop(model, positions):
     _same(out, expected)
 
 
+def test_every_read_lag_gives_the_same_output(model):
+    """Lengths read 0, 1 or 3 blocks after a merge (dead units kept meanwhile) change
+    nothing: tokens, groups, per-block counts, DeepStack outputs."""
+    pix, grid = pixels([*IMAGES, (2, 4, 6)])
+    thresholds = calibrated(model, {"pixel_values": pix, "image_grid_thw": grid})
+    encoder = hf_qwen_vl.build_encoder(model, thresholds)
+    outs = []
+    for lag in (0, 1, 3):
+        encoder.read_lag = lag
+        with torch.no_grad():
+            outs.append(encoder(pix, grid))
+    first = outs[0]
+    assert sum(first.host_lengths) < sum(first.host_inputs)  # something merged
+    for out in outs[1:]:
+        assert out.host_lengths == first.host_lengths
+        assert torch.equal(out.groups, first.groups)
+        assert torch.equal(out.block_lengths, first.block_lengths)
+        torch.testing.assert_close(out.tokens, first.tokens, atol=1e-5, rtol=1e-5)
+        for head, head0 in zip(out.features, first.features, strict=True):
+            torch.testing.assert_close(head.tokens, head0.tokens, atol=1e-5, rtol=1e-5)
+
+
 def _same(out, expected) -> None:
     """An encoder output equals the naive loop's (tokens, groups) per frame."""
     for frame, (tokens, groups) in enumerate(expected):

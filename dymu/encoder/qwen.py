@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -34,20 +35,10 @@ from torch import nn
 
 from ..engine.attention import attend, check_mode
 from ..engine.blocks import Merging, threshold_merging
-from ..engine.merge import (
-    NEG_INF,
-    Sides,
-    add_merged,
-    batch_rule,
-    destinations,
-    lay_out,
-    match,
-    order_keys,
-    split_sizes,
-    track,
-    with_sizes,
-)
+from ..engine.deferred import auto_lag
+from ..engine.merge import batch_rule
 from ..engine.packing import Packing, constant, upload
+from ..engine.units import Units, catch_up_units, lengths_by_block, merge_units
 from ..errors import DyMUError, MissingThresholds
 from ..thresholds import Thresholds, TowerIdentity
 from ..towers.hf_qwen_vl import Embedded, QwenVisionTower
@@ -101,6 +92,9 @@ class QwenDyMUEncoder(nn.Module):
         self.schedule_name = "explicit:" + ",".join(map(str, self.r))
         self.thresholds: Thresholds | None = None
         self._rules: tuple | None = None  # ((thresholds, r), per-block rules)
+        # blocks between a threshold merge and the read of its lengths (None: 1 on CUDA, 0
+        # elsewhere); every lag gives the same result
+        self.read_lag: int | None = None
         # PIL image -> processor output (the factory sets the model folder's own processor)
         self.preprocess = self.tower.preprocess()
         if thresholds is not None:
@@ -134,7 +128,7 @@ class QwenDyMUEncoder(nn.Module):
         key = (self.thresholds, tuple(self.r))
         if self._rules is None or self._rules[0][0] is not key[0] or self._rules[0][1] != key[1]:
             self._rules = (key, threshold_merging(self.thresholds, self.r, False))  # made once
-        return self._run(emb, self._rules[1])
+        return self._run(emb, self._rules[1], deferred=True)
 
     def calibrate(
         self, inputs: Mapping | torch.Tensor, r: Sequence[int] | None = None
@@ -163,44 +157,64 @@ class QwenDyMUEncoder(nn.Module):
         return out, values, torch.tensor([t is not None for t in found], device=device)
 
     def _run(
-        self, emb: Embedded, merging: Sequence[Merging | None], heads: bool = True
+        self,
+        emb: Embedded,
+        merging: Sequence[Merging | None],
+        heads: bool = True,
+        deferred: bool = False,
     ) -> EncoderOutput:
         """The block loop over units in window order; merges keep to their windows
-        (``heads``: also run the DeepStack feature heads)."""
-        tower, unit = self.tower, self.tower.unit
-        x, rope, device = emb.x, emb.rope, emb.x.device
-        windows = Packing.from_lengths(emb.window_units, device)
-        start = windows
-        groups = windows.pad(constant(_positions(emb.window_units), device), -1).long()
-        sizes = None
-        block_lengths, features = [], []
+        (``heads``: also run the DeepStack feature heads; ``deferred``: read new lengths
+        ``read_lag`` blocks later, :mod:`dymu.engine.units`)."""
+        tower, unit, device = self.tower, self.tower.unit, emb.x.device
+        start = Packing.from_lengths(emb.window_units, device)
+        lag = None
+        if deferred:
+            lag = auto_lag(device) if self.read_lag is None else self.read_lag
+        state = Units(
+            emb.x,
+            emb.rope,
+            start,
+            upload(np.asarray(emb.window_units), device),
+            unit,
+            groups=start.pad(constant(_positions(emb.window_units), device), -1).long(),
+            lag=lag,
+        )
+        features = []
         for block in range(tower.num_blocks):
+            state = catch_up_units(state, block) if lag else state
+            x = state.x
             q, k, v = tower.qkv(block, x)
-            if self.positions == "unmerge" and sizes is not None:
-                rows = _patch_rows(groups, windows, start, unit)
-                out = self._attend_unmerged(block, (q, k, v), rows, emb)
-            else:
-                qr, kr = tower.rotate(q, k, rope)
-                seg = windows.lengths if tower.windowed[block] else _frames(windows, emb)
-                patches = Packing.from_lengths([n * unit for n in seg], device)
-                log_sizes = None if sizes is None else sizes.log().repeat_interleave(unit)
-                out = attend(qr, kr, v, tower.num_heads, patches, log_sizes, self.attention)
-            x = x + tower.attn_out(block, out)
-            if merging[block] is not None and windows.width >= 2:
+            x = x + tower.attn_out(block, self._attend(block, (q, k, v), state, emb, start))
+            state = replace(state, x=x)
+            if merging[block] is not None and state.windows.width >= 2:
                 metric = k.view(-1, unit, tower.num_heads, tower.head_dim)
-                metric = metric.mean(2, dtype=torch.float32)
-                step = _merge_units(
-                    x, rope, sizes, groups, metric.flatten(1), windows, merging[block], unit
-                )
-                x, rope, sizes, groups, windows = step
-            x = x + tower.mlp(block, x)
-            block_lengths.append(_frames(windows, emb))
+                metric = metric.mean(2, dtype=torch.float32).flatten(1)
+                state = merge_units(state, metric, merging[block], block)
+                state = catch_up_units(state, block) if lag == 0 else state
+            state = replace(state, x=state.x + tower.mlp(block, state.x))
             if heads and block in tower.feature_blocks:  # DeepStack: this block's tokens too
-                head = tower.feature_head(block, x)
-                features.append(_output(head, sizes, groups, windows, start, emb, block_lengths))
-        out = _output(tower.merger(x), sizes, groups, windows, start, emb, block_lengths)
+                state = catch_up_units(state)  # its output needs the lengths: a wait
+                head = tower.feature_head(block, state.x)
+                features.append(_output(head, state, start, emb, block + 1))
+        state = catch_up_units(state)  # the one wait of a deferred forward
+        out = _output(tower.merger(state.x), state, start, emb, tower.num_blocks)
         out.features = tuple(features)
         return out
+
+    def _attend(self, block: int, qkv, state: Units, emb: Embedded, start: Packing):
+        """The block's attention: per window or frame, ``log(size)`` on every patch of a
+        merged unit (or, ``positions="unmerge"``, at the original units)."""
+        tower, unit, windows, sizes = self.tower, state.unit, state.windows, state.sizes
+        if self.positions == "unmerge" and sizes is not None:
+            rows = _patch_rows(state.groups, windows, start, unit)
+            return self._attend_unmerged(block, qkv, rows, emb)
+        q, k, v = qkv
+        qr, kr = tower.rotate(q, k, state.rope)
+        seg = windows.lengths if tower.windowed[block] else _frames(windows.lengths, emb)
+        patches = Packing.from_lengths([n * unit for n in seg], q.device)
+        log_sizes = None if sizes is None else sizes.log().repeat_interleave(unit)
+        return attend(qr, kr, v, tower.num_heads, patches, log_sizes, self.attention)
 
     def _attend_unmerged(
         self, block: int, qkv: tuple[torch.Tensor, ...], rows: torch.Tensor, emb: Embedded
@@ -229,68 +243,33 @@ def _patch_rows(groups: torch.Tensor, windows: Packing, start: Packing, unit: in
     return (units[:, None] * unit + offsets).reshape(-1)
 
 
-def _merge_units(
-    x: torch.Tensor,
-    rope: torch.Tensor,
-    sizes: torch.Tensor | None,
-    groups: torch.Tensor,
-    metric: torch.Tensor,
-    windows: Packing,
-    merging: Merging,
-    unit: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Packing]:
-    """One merge of whole units inside each window (the engine's steps on the windows'
-    padded view), then the windows packed again at their new lengths (one host read)."""
-    count, dtype = metric.shape[0], x.dtype
-    sides = Sides(windows.width, 0)
-    if sizes is None and not windows.uniform:  # padding must read as dead
-        sizes = metric.new_ones(count)
-    bias = None if sizes is None else windows.pad(sizes.log(), NEG_INF).clamp(max=0.0)
-    xs = windows.pad(with_sizes(x.view(count, -1), sizes))  # padding: size 0
-    node_max, node_idx = match(windows.pad(metric), bias, sides)
-    merged = merging.rule(node_max, None, windows.width)
-    order = order_keys(merged, bias, sides, False).sort(dim=1, stable=True)[1]
-    add_merged(xs, merged, node_idx, sides)
-    groups = track(groups, destinations(order, windows.width, merged, node_idx, sides), True)
-    kept = np.asarray(windows.lengths) - merged.sum(-1).cpu().numpy()  # the host read
-    after = Packing.from_lengths(kept.tolist(), x.device)
-    out, sizes = split_sizes(lay_out(xs, order, after), dtype)
-    rope = lay_out(windows.pad(rope.view(count, -1)), order, after)  # the destination's
-    return out.view(-1, x.shape[-1]), rope.view(-1, rope.shape[-1] // unit), sizes, groups, after
-
-
 def _output(
-    features: torch.Tensor,
-    sizes: torch.Tensor | None,
-    groups: torch.Tensor,
-    windows: Packing,
-    start: Packing,
-    emb: Embedded,
-    block_lengths: list[list[int]],
+    features: torch.Tensor, state: Units, start: Packing, emb: Embedded, blocks: int
 ) -> EncoderOutput:
     """Per frame: its windows' merged tokens one after another, and every unit's token in
     raster order (window order undone by the tower's own ``window_index``)."""
-    device = features.device
-    frame_lengths = _frames(windows, emb)
+    device, windows = features.device, state.windows
+    frame_lengths = _frames(windows.lengths, emb)
     frames = Packing.from_lengths(frame_lengths, device)
     # a window's first token within its frame: its final lengths summed over earlier windows
     ends = np.cumsum(windows.lengths)
     first = ends - np.asarray(windows.lengths)
     frame_first = np.concatenate([[0], np.cumsum(frame_lengths)])[emb.window_frame]
-    in_frame = start.pack(groups + constant(first - frame_first, device)[:, None])
+    in_frame = start.pack(state.groups + constant(first - frame_first, device)[:, None])
     raster = torch.empty_like(in_frame).index_copy_(0, emb.window_index, in_frame)
     units = Packing.from_lengths(emb.frame_units, device)
+    sizes = state.sizes
     if sizes is None:
         sizes = features.new_ones(features.shape[0], dtype=torch.float32)
-    lengths = upload(np.asarray(frame_lengths), device)  # made on the host: no wait
-    per_block = upload(np.asarray(block_lengths).T.reshape(len(frame_lengths), -1), device)
+    by_block = lengths_by_block(state, emb.window_units, blocks)  # (blocks, windows)
+    per_block = np.stack([_frames(row, emb) for row in by_block], 1)  # (frames, blocks)
     return EncoderOutput(
         tokens=frames.pad(features),
-        lengths=lengths,
+        lengths=upload(np.asarray(frame_lengths), device),  # made on the host: no wait
         sizes=frames.pad(sizes),
         groups=units.pad(raster, -1).long(),
         pooled=None,
-        block_lengths=per_block,
+        block_lengths=upload(per_block, device),
         host_lengths=tuple(frame_lengths),
         host_inputs=tuple(emb.frame_units),
     )
@@ -306,9 +285,9 @@ def expand_units(out: EncoderOutput) -> torch.Tensor:
     return Packing.from_lengths(out.host_inputs, rows.device).pack(rows)  # no host read
 
 
-def _frames(windows: Packing, emb: Embedded) -> list[int]:
-    """Units per frame: the windows' current lengths summed per frame."""
-    counts = np.bincount(emb.window_frame, np.asarray(windows.lengths), len(emb.frame_units))
+def _frames(window_lengths, emb: Embedded) -> list[int]:
+    """Units per frame: the windows' lengths summed per frame."""
+    counts = np.bincount(emb.window_frame, np.asarray(window_lengths), len(emb.frame_units))
     return counts.astype(np.int64).tolist()
 
 
