@@ -32,12 +32,13 @@ TOKENS = dict(
 )  # fmt: skip
 
 
-def build(family: str):
+def build(family: str, patch: int = PATCH):
     """A tiny model in fp32; Qwen2.5-VL with 56-pixel windows (2x2 units) and two of its
     four blocks attending over whole frames; Qwen3-VL with a 4x4 learned position table,
-    DeepStack after blocks 0 and 1 and interleaved M-RoPE."""
+    DeepStack after blocks 0 and 1 and interleaved M-RoPE. ``patch``: pixels per patch side
+    (Qwen3-VL's own is 16)."""
     torch.manual_seed(0)
-    common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
+    common = dict(patch_size=patch, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL)
     if family == "qwen2_vl":
         vision = dict(depth=3, embed_dim=32, hidden_size=48, mlp_ratio=2, num_heads=2, **common)
         cfg = Qwen2VLConfig(vision_config=vision, text_config=TEXT, **TOKENS)

@@ -1,7 +1,8 @@
-"""``dymu_qwen2_5_vl`` end to end, with no network: lmms-eval's own CLI (one process for every
-run) evaluates a tiny Qwen2.5-VL on a local task of real photos, as lmms-eval's plain
-``qwen2_5_vl`` and as ``dymu_qwen2_5_vl``; lmms-eval's Qwen path (chat template,
-``qwen_vl_utils``, its processor at dynamic resolution) runs unchanged."""
+"""``dymu_qwen2_5_vl`` and ``dymu_qwen3_vl`` end to end, with no network: lmms-eval's own CLI
+(one process for every run) evaluates a tiny Qwen2.5-VL and a tiny Qwen3-VL on a local task
+of real photos, as lmms-eval's plain ``qwen2_5_vl`` / ``qwen3_vl`` and with dymu; lmms-eval's
+Qwen path (chat template, ``qwen_vl_utils``, the processor at dynamic resolution) runs
+unchanged."""
 
 from __future__ import annotations
 
@@ -36,11 +37,13 @@ TEMPLATE = (  # Qwen's chat template, shortened
     "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
 )
 PIXELS = "min_pixels=3136,max_pixels=50176"  # photos at most 224 x 224: 64 LLM tokens
+PATCHES = {"qwen2_5_vl": 14, "qwen3_vl": 16}
 
 
-def processor():
-    """Qwen2.5-VL's processor over a word-level tokenizer built offline (the tiny model's
-    300 ids, Qwen's special tokens at the model's ids)."""
+def processor(family: str):
+    """The family's processor over a word-level tokenizer built offline (the tiny model's
+    300 ids, Qwen's special tokens at the model's ids), at the family's patch size (lmms-eval
+    resizes Qwen3-VL's images for 16 px patches)."""
     from tokenizers import AddedToken, Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.pre_tokenizers import Whitespace
@@ -49,6 +52,8 @@ def processor():
         Qwen2_5_VLProcessor,
         Qwen2VLImageProcessor,
         Qwen2VLVideoProcessor,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
     )
 
     fillers = iter([*WORDS, *(f"w{i}" for i in range(300))])
@@ -59,19 +64,32 @@ def processor():
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="<|endoftext|>", eos_token="<|im_end|>"
     )
+    sizes = dict(patch_size=PATCHES[family], merge_size=2, temporal_patch_size=2)
+    if family == "qwen3_vl":
+        return Qwen3VLProcessor(
+            image_processor=Qwen2VLImageProcessor(**sizes),
+            tokenizer=fast,
+            video_processor=Qwen3VLVideoProcessor(**sizes),
+            chat_template=TEMPLATE,
+        )
     return Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
+        image_processor=Qwen2VLImageProcessor(**sizes),
         tokenizer=fast,
-        video_processor=Qwen2VLVideoProcessor(),
+        video_processor=Qwen2VLVideoProcessor(**sizes),
         chat_template=TEMPLATE,
     )
 
 
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, photo_dir):
+def built(tmp_path_factory, photo_dir, family):
     """The saved model and processor, the task, and thresholds that merge nothing / some."""
-    root = tmp_path_factory.mktemp("lmms_eval_qwen")
-    model, proc = build("qwen2_5_vl"), processor()
+    root = tmp_path_factory.mktemp(f"lmms_eval_{family}")
+    model, proc = build(family, PATCHES[family]), processor(family)
     model.save_pretrained(root / "model")
     proc.save_pretrained(root / "model")
     images = [Image.open(p).convert("RGB") for p in sorted((photo_dir / "img").glob("*.jpg"))]
@@ -82,7 +100,7 @@ def built(tmp_path_factory, photo_dir):
     encoder = hf_qwen_vl.build_encoder(model, r_total=3)
     dymu.find_thresholds(encoder, [dict(b) for b in batches]).save(root / "merge.safetensors")
     never = Thresholds.from_values(
-        torch.ones(4), torch.tensor(encoder.r), encoder.identity.metadata()
+        torch.ones(len(encoder.r)), torch.tensor(encoder.r), encoder.identity.metadata()
     )
     never.save(root / "never.safetensors")
     task = root / "task"
@@ -98,29 +116,33 @@ def built(tmp_path_factory, photo_dir):
 
 
 RUNS = {  # name -> (model, model_args beyond pretrained, device_map and pixels)
-    "plain": ("qwen2_5_vl", ""),
-    "never": ("dymu_qwen2_5_vl", ",thresholds={root}/never.safetensors"),
-    "merge": ("dymu_qwen2_5_vl", ",thresholds={root}/merge.safetensors,vtu=True"),
-    "neither": ("dymu_qwen2_5_vl", ",vtu=True"),
+    "plain": ("{family}", ""),
+    "never": ("dymu_{family}", ",thresholds={root}/never.safetensors"),
+    "merge": ("dymu_{family}", ",thresholds={root}/merge.safetensors,vtu=True"),
+    "neither": ("dymu_{family}", ",vtu=True"),
 }
 
 
 @pytest.fixture(scope="module")
-def runs(built):
+def runs(built, family):
     """Every run of :data:`RUNS` through lmms-eval's CLI in one process."""
     root = built[0]
     base = f"pretrained={root}/model,device_map=cpu,{PIXELS}"
-    runs = {name: (m, base + args.format(root=root), {}) for name, (m, args) in RUNS.items()}
+    runs = {
+        name: (m.format(family=family), base + args.format(root=root), {})
+        for name, (m, args) in RUNS.items()
+    }
     return run_lmms_eval(root, runs, refused={"neither"})
 
 
-def test_the_qwen_plugin_is_found_through_lmms_eval_entry_points(runs):
+def test_the_qwen_plugin_is_found_through_lmms_eval_entry_points(runs, family):
     found, _ = runs
     backend = found["merge"][0]["config"]["model_backend"]
-    assert backend == "dymu.integrations.lmms_eval.qwen_vl.DyMUQwen2_5_VLChat (chat)"
+    name = {"qwen2_5_vl": "DyMUQwen2_5_VLChat", "qwen3_vl": "DyMUQwen3_VLChat"}[family]
+    assert backend == f"dymu.integrations.lmms_eval.qwen_vl.{name} (chat)"
 
 
-def test_nothing_merged_answers_equal_plain_qwen2_5_vl(runs):
+def test_nothing_merged_answers_equal_plain_qwen(runs):
     found, _ = runs
     (plain, plain_out), (never, never_out) = found["plain"], found["never"]
     assert sorted(plain_out) == list(range(len(DOCS)))
@@ -138,19 +160,6 @@ def test_merging_keeps_fewer_tokens_and_says_so(runs):
     assert "DyMU visual tokens per frame (an image, or a video's temporal patch): mean" in output
 
 
-def test_missing_thresholds_are_refused_before_loading(runs):
+def test_missing_thresholds_are_refused_before_loading(runs, family):
     _, output = runs
-    assert "dymu_qwen2_5_vl needs thresholds=FILE in --model_args" in output
-
-
-def test_the_qwen3_vl_manifest_names_classes_over_lmms_evals_own():
-    import importlib
-
-    from lmms_eval.models.chat.qwen3_vl import Qwen3_VL
-
-    from dymu.integrations.lmms_eval import qwen3_vl_manifest
-
-    found = qwen3_vl_manifest()
-    module, name = found.chat_class_path.rsplit(".", 1)
-    chat = getattr(importlib.import_module(module), name)
-    assert found.model_id == "dymu_qwen3_vl" and issubclass(chat, Qwen3_VL)
+    assert f"dymu_{family} needs thresholds=FILE in --model_args" in output
