@@ -35,7 +35,7 @@ from torch import nn
 
 from ..engine.attention import attend, check_mode
 from ..engine.blocks import Merging, threshold_merging
-from ..engine.deferred import auto_lag
+from ..engine.deferred import auto_lag, compact
 from ..engine.merge import batch_rule
 from ..engine.packing import Packing, constant, upload
 from ..engine.units import Units, catch_up_units, lengths_by_block, merge_units
@@ -194,12 +194,10 @@ class QwenDyMUEncoder(nn.Module):
                 state = catch_up_units(state, block) if lag == 0 else state
             state = replace(state, x=state.x + tower.mlp(block, state.x))
             if heads and block in tower.feature_blocks:  # DeepStack: this block's tokens too
-                state = catch_up_units(state)  # its output needs the lengths: a wait
-                head = tower.feature_head(block, state.x)
-                features.append(_output(head, state, start, emb, block + 1))
+                features.append((block, tower.feature_head(block, state.x), state))
         state = catch_up_units(state)  # the one wait of a deferred forward
         out = _output(tower.merger(state.x), state, start, emb, tower.num_blocks)
-        out.features = tuple(features)
+        out.features = tuple(_head_output(f, state, start, emb) for f in features)
         return out
 
     def _attend(self, block: int, qkv, state: Units, emb: Embedded, start: Packing):
@@ -241,6 +239,19 @@ def _patch_rows(groups: torch.Tensor, windows: Packing, start: Packing, unit: in
     units = start.pack(groups + first[:, None])  # (U0,) current unit of every original unit
     offsets = constant(np.arange(unit), groups.device)
     return (units[:, None] * unit + offsets).reshape(-1)
+
+
+def _head_output(
+    head: tuple[int, torch.Tensor, Units], final: Units, start: Packing, emb: Embedded
+) -> EncoderOutput:
+    """A DeepStack head's output, assembled after the forward's one wait: its tokens (dead
+    units included while their lengths were on the way) kept to the lengths after its
+    block, which the host knows by then."""
+    block, tokens, state = head
+    lengths = lengths_by_block(final, emb.window_units, block + 1)[-1].tolist()
+    tokens, sizes, windows = compact(tokens, state.sizes, state.windows, lengths)
+    state = replace(state, sizes=sizes, windows=windows, read=final.read, pending=())
+    return _output(tokens, state, start, emb, block + 1)
 
 
 def _output(
