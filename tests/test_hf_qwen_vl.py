@@ -401,3 +401,18 @@ def test_batches_of_flat_patch_runs_concatenate():
     batch = stack_inputs(items)
     assert batch["pixel_values"].shape == (12, 5) and batch["image_grid_thw"].shape == (2, 3)
     assert Batch(0, batch, []).size == 2
+
+
+def test_beam_search_with_nothing_merged_is_the_model(model):
+    """generate() expands the inputs (and the VTU mapping) per beam: with nothing merged the
+    sequences equal the unmodified model's."""
+    inputs = _case("batch", model)
+    beams = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    with torch.no_grad():
+        expected = model.generate(**inputs, **beams)
+        dymu.apply(model, thresholds=never(model))
+        try:
+            got = model.generate(**inputs, **beams)
+        finally:
+            dymu.remove(model)
+    assert torch.equal(got, expected)
