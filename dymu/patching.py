@@ -22,10 +22,40 @@ def _key(name: str) -> str:
 
 def patch(obj: Any, name: str, func: Callable, bind: bool = True) -> None:
     """Set ``obj.<name>`` to ``func`` (bound to ``obj`` unless ``bind=False``); idempotent
-    per name: a second patch keeps the first prior."""
+    per name: a second patch keeps the first prior.
+
+    A wrapper that takes only ``(self, *args, **kwargs)`` shows the signature of the class's
+    method it stands in for: libraries read it (``generate()`` picks the arguments it hands a
+    VLM's feature methods from their signatures)."""
     if _key(name) not in obj.__dict__:
         obj.__dict__[_key(name)] = obj.__dict__.get(name, _MISSING)
+    replaced = getattr(type(obj), name, None)
+    if bind and callable(replaced) and _passes_everything(func):
+        func = _copy(func)  # a module-level wrapper may stand in on several classes
+        func.__signature__ = inspect.signature(replaced)
     obj.__dict__[name] = types.MethodType(func, obj) if bind else func
+
+
+def _copy(func: types.FunctionType) -> types.FunctionType:
+    """A second function object with ``func``'s code, closure and defaults."""
+    out = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
+    out.__kwdefaults__, out.__doc__ = func.__kwdefaults__, func.__doc__
+    out.__dict__.update(func.__dict__)
+    return out
+
+
+def _passes_everything(func: Callable) -> bool:
+    """``func(self, *args, **kwargs)`` with no signature of its own."""
+    if not isinstance(func, types.FunctionType) or "__signature__" in func.__dict__:
+        return False
+    kinds = [p.kind for p in inspect.signature(func).parameters.values()]
+    return kinds == [
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    ]
 
 
 def unpatch(obj: Any, name: str) -> None:

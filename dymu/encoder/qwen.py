@@ -180,12 +180,12 @@ class QwenDyMUEncoder(nn.Module):
             groups=start.pad(constant(_positions(emb.window_units), device), -1).long(),
             lag=lag,
         )
-        features = []
+        features, memo = [], {}  # memo: this forward's packings and log sizes, made once
         for block in range(tower.num_blocks):
             state = catch_up_units(state, block) if lag else state
             x = state.x
             q, k, v = tower.qkv(block, x)
-            x = x + tower.attn_out(block, self._attend(block, (q, k, v), state, emb, start))
+            x = x + tower.attn_out(block, self._attend(block, (q, k, v), state, emb, start, memo))
             state = replace(state, x=x)
             if merging[block] is not None and state.windows.width >= 2:
                 metric = k.view(-1, unit, tower.num_heads, tower.head_dim)
@@ -200,22 +200,34 @@ class QwenDyMUEncoder(nn.Module):
         out.features = tuple(_head_output(f, state, start, emb) for f in features)
         return out
 
-    def _attend(self, block: int, qkv, state: Units, emb: Embedded, start: Packing):
+    def _attend(
+        self, block: int, qkv, state: Units, emb: Embedded, start: Packing, memo: dict
+    ) -> torch.Tensor:
         """The block's attention: per window or frame, ``log(size)`` on every patch of a
-        merged unit (or, ``positions="unmerge"``, at the original units)."""
+        merged unit (or, ``positions="unmerge"``, at the original units). ``memo`` keeps
+        what blocks between two merges share: patch packings and per-patch log sizes."""
         tower, unit, windows, sizes = self.tower, state.unit, state.windows, state.sizes
         if self.positions == "unmerge" and sizes is not None:
             rows = _patch_rows(state.groups, windows, start, unit)
-            return self._attend_unmerged(block, qkv, rows, emb)
+            return self._attend_unmerged(block, qkv, rows, emb, memo)
         q, k, v = qkv
         qr, kr = tower.rotate(q, k, state.rope)
         seg = windows.lengths if tower.windowed[block] else _frames(windows.lengths, emb)
-        patches = Packing.from_lengths([n * unit for n in seg], q.device)
-        log_sizes = None if sizes is None else sizes.log().repeat_interleave(unit)
+        patches = _patches(memo, seg, unit, q.device)
+        log_sizes = None
+        if sizes is not None:  # made again only when sizes change (a merge, a compaction)
+            if memo.get("sizes") is not sizes:
+                memo["sizes"], memo["log"] = sizes, sizes.log().repeat_interleave(unit)
+            log_sizes = memo["log"]
         return attend(qr, kr, v, tower.num_heads, patches, log_sizes, self.attention)
 
     def _attend_unmerged(
-        self, block: int, qkv: tuple[torch.Tensor, ...], rows: torch.Tensor, emb: Embedded
+        self,
+        block: int,
+        qkv: tuple[torch.Tensor, ...],
+        rows: torch.Tensor,
+        emb: Embedded,
+        memo: dict,
     ) -> torch.Tensor:
         """Attention with every merged unit unmerged to its original units (virtual
         unmerging inside the tower): q/k/v gathered to the original patches, rotated at their
@@ -225,11 +237,19 @@ class QwenDyMUEncoder(nn.Module):
         q, k, v = (t.index_select(0, rows) for t in qkv)
         q, k = tower.rotate(q, k, emb.rope)
         seg = emb.window_units if tower.windowed[block] else emb.frame_units
-        patches = Packing.from_lengths([n * unit for n in seg], q.device)
+        patches = _patches(memo, seg, unit, q.device)
         out = attend(q, k, v, tower.num_heads, patches, None, self.attention)
         acc = out.new_empty(qkv[0].shape, dtype=torch.float32)
         acc.index_reduce_(0, rows, out.float(), "mean", include_self=False)
         return acc.to(out.dtype)
+
+
+def _patches(memo: dict, units: list[int], unit: int, device: torch.device) -> Packing:
+    """The packing of patches for segments of ``units`` units (made once per forward)."""
+    key = ("patches", tuple(units))
+    if key not in memo:
+        memo[key] = Packing.from_lengths([n * unit for n in units], device)
+    return memo[key]
 
 
 def _patch_rows(groups: torch.Tensor, windows: Packing, start: Packing, unit: int) -> torch.Tensor:

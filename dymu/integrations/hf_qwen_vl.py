@@ -18,7 +18,6 @@ averages everything per slot). ``generate()`` works as before; ``remove`` restor
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -104,7 +103,7 @@ def apply(
     for modality in _MODALITIES:
         method = _MODALITIES[modality][2]
         if hasattr(type(vlm), method):
-            patch(vlm, method, _keep_signature(vlm, method, _feature_method(modality)))
+            patch(vlm, method, _feature_method(modality))
     patch(vlm, "forward", _forward)
     if vtu and model is not vlm:
         patch(model, "generate", _generate)
@@ -167,13 +166,6 @@ def _feature_method(modality: str):
 
     features.__name__ = method
     return features
-
-
-def _keep_signature(vlm: nn.Module, method: str, func):
-    """``func`` with the signature of the method it replaces: ``generate()`` picks the
-    arguments it hands a feature method from that signature."""
-    func.__signature__ = inspect.signature(getattr(type(vlm), method))
-    return func
 
 
 def _follow_deepstack(lm: nn.Module, state: _State) -> None:
