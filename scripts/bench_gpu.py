@@ -77,7 +77,6 @@ from bench_overhead import ENCODER, quick_tower  # noqa: E402
 
 import dymu  # noqa: E402
 import dymu.integrations.hf_qwen_vl  # noqa: E402
-from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
 SECTIONS = ["encoder", "calibration", "tome", "vlm", "qwen"]
 VIT_L, SO400M = "ViT-L-14-336-tome-72out", "ViT-SO400M-14-SigLIP-384-tome-192out"
@@ -274,9 +273,7 @@ def qwen_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
     ns.shape = "quick" if args.quick else "7b" if cuda else "small"
     ns.reps, ns.warmup, ns.new_tokens = count, warmup, args.new_tokens or ns.new_tokens
     model = bench_vlm_qwen.build_model(ns)
-    photos = [load_rgb(p) for p in open_source(str(ns.data)).paths]
-    images = bench_vlm_qwen.photo_inputs(ns, photos)
-    batches = [bench_vlm_qwen.batch_of(images[i : i + 4]) for i in range(0, len(images), 4)]
+    images, batches = bench_vlm_qwen.photo_inputs(ns)
     label = "Qwen2.5-VL-7B" if ns.shape == "7b" else f"Qwen2.5-VL ({ns.shape})"
 
     def unit(budget: str) -> list[Row]:

@@ -234,11 +234,9 @@ def qwen_rows(args: argparse.Namespace) -> list[Row]:
 
     shape = "quick" if args.quick else "small"
     ns = bench_vlm_qwen.parse_args(["--device", args.device, "--dtype", args.dtype])
-    ns.shape = shape
+    ns.shape, ns.data = shape, args.data
     model = bench_vlm_qwen.build_model(ns)
-    photos = [load_rgb(p) for p in open_source(str(args.data)).paths]
-    images = bench_vlm_qwen.photo_inputs(ns, photos)
-    batches = [bench_vlm_qwen.batch_of(images[i : i + 4]) for i in range(0, len(images), 4)]
+    images, batches = bench_vlm_qwen.photo_inputs(ns)
     with torch.inference_mode():
         found = bench_vlm_qwen.calibrate(model, batches, bench_vlm_qwen.BUDGETS["low"])
     models = {"vanilla": model, "dymu+VTU": dymu.apply(bench_vlm_qwen.shared_copy(model), found)}

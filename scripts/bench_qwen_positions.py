@@ -30,7 +30,6 @@ from bench_vlm_qwen import BUDGETS, batch_of, build_model, calibrate, photo_inpu
 
 from dymu.encoder.qwen import POSITIONS, expand_units
 from dymu.integrations import hf_qwen_vl
-from dymu.sources.stream import load_rgb, open_source
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -62,8 +61,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model = build_model(args)
     visual = model.model.visual
-    photos = [load_rgb(p) for p in open_source(args.data).paths]
-    images = photo_inputs(args, photos)
+    images, _ = photo_inputs(args)
     batch = batch_of(images)
     pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
     print(

@@ -50,7 +50,6 @@ from types import SimpleNamespace
 import torch
 from bench_encoder import time_interleaved
 from bench_vtu import count_flops
-from PIL import Image
 from torch import nn
 
 import dymu
@@ -142,18 +141,19 @@ def build_model(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def photo_inputs(args: argparse.Namespace, photos: list[Image.Image]) -> list[dict]:
-    """Per photo: Qwen's processor output at the shape's square size (one grid for all)."""
+def photo_inputs(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """Per photo of ``args.data``: Qwen's processor output at the shape's square size (one
+    grid for all); and the photos in batches of 4 (what calibration takes)."""
     from transformers import Qwen2VLImageProcessor
 
     side = SHAPES[args.shape]["image"]
     processor = Qwen2VLImageProcessor(min_pixels=side * side, max_pixels=side * side)
     out = []
-    for photo in photos:
-        got = processor(images=[photo.resize((side, side))], return_tensors="pt")
+    for path in open_source(str(args.data)).paths:
+        got = processor(images=[load_rgb(path).resize((side, side))], return_tensors="pt")
         pixels = got["pixel_values"].to(args.device, args.dtype)
         out.append({"pixel_values": pixels, "image_grid_thw": got["image_grid_thw"]})
-    return out
+    return out, [batch_of(out[i : i + 4]) for i in range(0, len(out), 4)]
 
 
 def model_inputs(images: list[dict], device: str) -> dict:
@@ -310,11 +310,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = build_model(args)
-    photos = [load_rgb(p) for p in open_source(str(args.data)).paths]
-    images = photo_inputs(args, photos)
+    images, batches = photo_inputs(args)
     models, encoders = {"vanilla": model}, {}
     with torch.inference_mode():
-        batches = [batch_of(images[i : i + 4]) for i in range(0, len(images), 4)]
         for budget in args.budgets:
             thresholds = calibrate(model, batches, BUDGETS[budget])
             name = f"dymu+VTU {budget}"

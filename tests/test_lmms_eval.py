@@ -120,6 +120,13 @@ def built(tmp_path_factory, photo_dir):
     dymu.find_thresholds(encoder, [x[:4], x[4:8], x[8:]]).save(root / "merge.safetensors")
     never = Thresholds.from_values(torch.ones(3), torch.tensor([2, 2, 2]), {"model": "tiny"})
     never.save(root / "never.safetensors")
+    docs = write_task(root, photo_dir)
+    return root, model, proc, docs
+
+
+def write_task(root: Path, photo_dir: Path) -> list[dict]:
+    """The local lmms-eval task ``dymu_tiny`` over the bundled photos, under ``root/task``;
+    returns its documents."""
     task = root / "task"
     task.mkdir()
     docs = [
@@ -129,7 +136,7 @@ def built(tmp_path_factory, photo_dir):
     (task / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     (task / "dymu_tiny.yaml").write_text(TASK.format(data=task / "data.jsonl"))
     (task / "utils.py").write_text(UTILS)
-    return root, model, proc, docs
+    return docs
 
 
 def _open(path) -> Image.Image:

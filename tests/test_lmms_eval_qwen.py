@@ -6,13 +6,11 @@ unchanged."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from PIL import Image
 from qwen_vlms import END, IMAGE, PAD, START, VIDEO, build
-from test_lmms_eval import DOCS, TASK, UTILS, _stats, run_lmms_eval
+from test_lmms_eval import DOCS, _stats, run_lmms_eval, write_task
 
 import dymu
 from dymu import Thresholds
@@ -103,15 +101,7 @@ def built(tmp_path_factory, photo_dir, family):
         torch.ones(len(encoder.r)), torch.tensor(encoder.r), encoder.identity.metadata()
     )
     never.save(root / "never.safetensors")
-    task = root / "task"
-    task.mkdir()
-    docs = [
-        {"image": str(photo_dir / "img" / f"{n}.jpg"), "question": q, "answer": a}
-        for n, q, a in DOCS
-    ]
-    (task / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
-    (task / "dymu_tiny.yaml").write_text(TASK.format(data=task / "data.jsonl"))
-    (task / "utils.py").write_text(UTILS)
+    docs = write_task(root, photo_dir)
     return root, model, proc, docs
 
 
