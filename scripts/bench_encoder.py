@@ -26,6 +26,11 @@ batches. ``no-merge ms`` times dymu's own block loop with merging off, so ``vs n
 shows the gain of merging alone, apart from the attention kernel (open_clip's
 ``nn.MultiheadAttention`` path vs ``scaled_dot_product_attention``).
 
+``--fuse`` says whether merges run the compiled merge step (``dymu.engine.fused``): ``auto``
+(the encoder's default: on CUDA only), ``on``, ``off``, or ``both``: the table's dymu runs
+compiled and the eager merge is timed beside it, in the same run (listed with the other ways
+below the table). Compiling happens in the untimed forwards before the timed ones.
+
 Run from the repository root::
 
     python scripts/bench_encoder.py
@@ -223,8 +228,12 @@ def bench_model(name: str, args: argparse.Namespace, reps: int, warmup: int) -> 
             with torch.inference_mode():
                 return enc.tower.module(batch)
 
-        def run_dymu(batch: torch.Tensor = batch, way: str = args.attention[0]) -> object:
-            enc.attention = way
+        def run_dymu(
+            batch: torch.Tensor = batch,
+            way: str = args.attention[0],
+            fuse: bool | None = FUSE[args.fuse],
+        ) -> object:
+            enc.attention, enc.fuse = way, fuse
             with torch.inference_mode():
                 return enc(batch)
 
@@ -235,8 +244,12 @@ def bench_model(name: str, args: argparse.Namespace, reps: int, warmup: int) -> 
         fns = {"vanilla": run_vanilla, "dymu": run_dymu, "plain": run_plain}
         for way in args.attention[1:]:  # the other ways images of different lengths attend
             fns[way] = functools.partial(run_dymu, batch, way)
+        if args.fuse == "both":
+            fns["eager merge"] = functools.partial(run_dymu, batch, args.attention[0], False)
+        if args.fuse != "off":
+            run_dymu()  # compiles the merge step for this kind of batch, untimed
         ms = time_interleaved(fns, reps, warmup, sync)
-        enc.attention = args.attention[0]
+        enc.attention, enc.fuse = args.attention[0], FUSE[args.fuse]
         with torch.inference_mode():
             out = enc(batch)
         bound, pad_bound = flop_bounds(enc, out.block_lengths)
@@ -251,10 +264,13 @@ def bench_model(name: str, args: argparse.Namespace, reps: int, warmup: int) -> 
                 pad_bound=pad_bound,
                 final_tokens=out.lengths.float().mean().item(),
                 block_tokens=out.block_lengths.float().mean(0).tolist(),
-                ways={way: ms[way] for way in args.attention[1:]},
+                ways={way: ms[way] for way in fns if way not in ("vanilla", "dymu", "plain")},
             )
         )
     return rows
+
+
+FUSE = {"auto": None, "on": True, "off": False, "both": True}  # --fuse: the encoder's fuse
 
 
 def print_table(rows: list[Row]) -> None:
@@ -285,7 +301,7 @@ def print_table(rows: list[Row]) -> None:
 def print_ways(rows: list[Row], first: str) -> None:
     """dymu's time with each way images of different lengths attend (--attention)."""
     ways = list(rows[0].ways)
-    print(f"\nattention ways (dymu ms; x = time / {first}'s, measured in the same run):")
+    print(f"\nother ways (dymu ms; x = time / {first}'s, measured in the same run):")
     print(f"{'model':<36} {'batch':>5} {first:>12}" + "".join(f" {w:>16}" for w in ways))
     for r in rows:
         cells = "".join(f" {r.ways[w]:>9.1f} {r.ways[w] / r.dymu_ms:>5.2f}x" for w in ways)
@@ -353,6 +369,13 @@ def main() -> None:
         help="how images of different lengths attend (dymu.engine.attention); the first is the "
         "table's dymu, the others are timed beside it in the same run (default: auto)",
     )
+    parser.add_argument(
+        "--fuse",
+        choices=sorted(FUSE),
+        default="auto",
+        help="merges run the compiled step: auto (on CUDA only), on, off, or both (compiled, "
+        "with the eager merge timed beside it)",
+    )
     args = parser.parse_args()
     if args.dtype is None:
         args.dtype = "fp16" if args.device.startswith("cuda") else "fp32"
@@ -370,7 +393,7 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"torch {torch.__version__}, {device}, {args.dtype}, {torch.get_num_threads()} threads")
     print_table(rows)
-    if len(args.attention) > 1:
+    if rows and rows[0].ways:
         print_ways(rows, args.attention[0])
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.plot:

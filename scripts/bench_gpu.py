@@ -5,8 +5,9 @@ from configs; nothing downloaded), vanilla and dymu interleaved in one run, medi
 
 * **encoder** (``bench_encoder.bench_model``): ViT-L-14-336-tome-72out and
   ViT-SO400M-14-SigLIP-384-tome-192out at batch 1, 8 and 64, thresholds calibrated on the
-  bundled photos; the vanilla tower against dymu (``attention="auto"``), ms per forward, and
-  the FLOP bound at the measured per-block token counts.
+  bundled photos; the vanilla tower against dymu (``attention="auto"``, merges compiled:
+  ``dymu.engine.fused``), ms per forward, and the FLOP bound at the measured per-block token
+  counts; the eager merge's time is measured beside it (``detail.ways`` in the JSON).
 * **calibration** (``bench_calibration.bench_throughput``): threshold finding against a plain
   forward over the same stream of synthetic JPEGs (ViT-L-14-336-tome-72out, batch 64), img/s.
 * **tome** (``bench_tome.bench``): ``dymu.apply_tome`` against the unpatched timm ViT-B/16 and
@@ -35,7 +36,8 @@ sibling scripts' own output goes to stderr.
 
 Estimated run time on one H100 with the defaults: about 4-5 minutes (encoder ~70 s,
 calibration ~40 s, ToMe ~25 s, VLM ~60 s, from the sibling scripts' timings on an H200;
-Qwen ~60 s, estimated, never run on a GPU), inside the 360 s default limit.
+Qwen ~60 s, estimated, never run on a GPU), inside the 360 s default limit. Compiling the
+merge steps (encoder, ToMe and VLM rows) adds an estimated minute on a fresh machine.
 
 Run from the repository root on a GPU machine::
 
@@ -181,7 +183,7 @@ def encoder_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
     warmup, count = reps(args, "encoder")
     ns = argparse.Namespace(
         device=args.device, dtype=args.dtype, data=bench_encoder.ROOT / "examples" / "images.json",
-        b1_image=None, batch_sizes=args.encoder_batches, attention=["auto"],
+        b1_image=None, batch_sizes=args.encoder_batches, attention=["auto"], fuse="both",
     )  # fmt: skip
 
     def unit(name: str) -> list[Row]:

@@ -24,7 +24,10 @@ Two parts, built from configs with random (seeded) weights, nothing downloaded:
   it stands.
 
 Images of different lengths attend the way ``attention="auto"`` takes on a GPU (one padded
-SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image.
+SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image. The
+encoder rows show threshold merging both ways: ``dymu`` merges eagerly (a CPU's default) and
+``dymu fused`` runs the compiled merge step (``dymu.engine.fused``, a GPU's default), and so
+do ``fixed-r`` and ``fixed-r fused``; the VLM rows merge as on a GPU, compiled.
 Every variant runs one uncounted forward first (lazy set-up), then one counted forward, under
 ``torch.inference_mode``; what counts as an op, a host read and an upload is said in
 ``scripts/support/op_counter.py``.
@@ -78,7 +81,7 @@ QUICK_TOWER = {  # an open_clip config: 64 px, 8 px patches (64 patches), 4 bloc
     "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
 }
 ENCODER_OPS_BUDGET = 3.0
-ENCODER_SYNCS_BUDGET = {"dymu": 1, "fixed-r": 0, "no-merge": 0}
+ENCODER_SYNCS_BUDGET = {"dymu": 1, "dymu fused": 1, "fixed-r": 0, "fixed-r fused": 0, "no-merge": 0}
 VLM_OPS_BUDGET = 1.8
 VLM_SYNCS_BUDGET = 8
 BUDGETED_VLM = "dymu+VTU"
@@ -155,9 +158,14 @@ def encoder_rows(args: argparse.Namespace) -> list[Row]:
         enc.set_thresholds(dymu.find_thresholds(enc, list(pixels.split(4))))
         kept = torch.cat([enc(p[None]).lengths for p in pixels]).cpu()
     enc.attention = gpu_way(args)
+    fused = dymu.DyMUEncoder(enc.tower, enc.r, enc.thresholds, name=enc.name).eval()
+    fixed_fused = dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval()
+    fused.fuse = fixed_fused.fuse = True
     variants = {
         "dymu": enc,
+        "dymu fused": fused,
         "fixed-r": dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval(),
+        "fixed-r fused": fixed_fused,
         "no-merge": dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval(),
     }
     for model in variants.values():
@@ -179,6 +187,12 @@ def gpu_way(args: argparse.Namespace) -> str:
     """How images of different lengths attend in the counted forwards: what ``auto`` takes on
     a GPU (one padded call), also on a CPU run, whose ``auto`` loops per image."""
     return auto_way("cuda") if args.device == "cpu" else "auto"
+
+
+def gpu_fuse(args: argparse.Namespace) -> bool | None:
+    """Whether the VLM's merges run the compiled step in the counted forwards: as by default
+    on a GPU (``None`` there), also on a CPU run, whose default merges eagerly."""
+    return True if args.device == "cpu" else None
 
 
 def prefill(model: torch.nn.Module, inputs: dict) -> Callable[[], object]:
@@ -207,7 +221,8 @@ def vlm_rows(args: argparse.Namespace) -> list[Row]:
     models = {"vanilla": model}
     for variant, vtu in (("dymu+VTU", True), ("dymu no-VTU", False)):
         models[variant] = hf_llava.apply(bench_vlm.shared_copy(model), thresholds, vtu=vtu)
-        hf_llava.encoder_of(models[variant]).attention = gpu_way(args)
+        encoder = hf_llava.encoder_of(models[variant])
+        encoder.attention, encoder.fuse = gpu_way(args), gpu_fuse(args)
     label = f"llava-{shape}"
     rows = []
     for bsz in args.batch_sizes:
@@ -258,7 +273,7 @@ def verdict(ok: bool | None) -> str:
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'part':<7} {'model':<27} {'variant':<11} {'batch':>5} {'ops':>6} {'x vanilla':>9} "
+        f"{'part':<7} {'model':<27} {'variant':<13} {'batch':>5} {'ops':>6} {'x vanilla':>9} "
         f"{'budget':>6} {'ops':>6} {'reads':>5} {'uploads':>7} {'budget':>6} {'syncs':>6}"
     )
     print(header)
@@ -267,7 +282,7 @@ def print_table(rows: list[Row]) -> None:
         budget = "-" if r.ops_budget is None else f"{r.ops_budget:.1f}x"
         syncs = "-" if r.syncs_budget is None else str(r.syncs_budget)
         print(
-            f"{r.part:<7} {r.model:<27} {r.variant:<11} {r.batch:>5} {r.ops:>6} "
+            f"{r.part:<7} {r.model:<27} {r.variant:<13} {r.batch:>5} {r.ops:>6} "
             f"{r.ratio:>8.2f}x {budget:>6} {verdict(r.ops_ok):>6} {r.host_reads:>5} "
             f"{r.uploads:>7} {syncs:>6} {verdict(r.syncs_ok):>6}"
         )

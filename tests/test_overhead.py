@@ -127,12 +127,32 @@ def test_threshold_merging_syncs_at_most_once_per_forward(threshold_encoder, pix
     assert count.host_reads + count.uploads <= 1, count.sites
 
 
-@pytest.mark.parametrize("how", HOST_KNOWN)
+def test_fused_merges_count_their_compiled_kernels_and_fit_the_budget(threshold_encoder, pixels):
+    """With ``fuse=True`` every merge is one compiled step, counted as the launches in the code
+    inductor makes for it: the forward is within issue 19's 3x of the tower's own ops, which
+    the eager merge is not."""
+    tower = threshold_encoder.tower
+    vanilla = overhead.count_forward(lambda: tower.module(pixels), tower, pixels)
+    eager = forward_count(threshold_encoder, pixels)
+    threshold_encoder.fuse = True
+    try:
+        fused = forward_count(threshold_encoder, pixels)
+    finally:
+        threshold_encoder.fuse = None
+    steps = fused.ops_by_name["fused merge step"]
+    assert steps >= 3 * merging_blocks(threshold_encoder)  # at least scores, sort, a merge
+    assert fused.ops <= 3 * vanilla.ops < eager.ops, (fused.ops, vanilla.ops, eager.ops)
+    assert fused.host_reads + fused.uploads <= 1, fused.sites
+
+
+@pytest.mark.parametrize("how", [*HOST_KNOWN, "fixed-r fused"])
 def test_host_known_shapes_compile_into_one_graph(pixels, how):
     """Fixed-r and no-merge have no data-dependent shape: dynamo captures the whole forward
-    (``fullgraph=True`` raises on any graph break), and it computes what eager mode does."""
+    (``fullgraph=True`` raises on any graph break), and it computes what eager mode does;
+    a fused merge step is traced into the model's graph."""
     torch._dynamo.reset()
-    enc = host_known_encoder(how).eval()
+    enc = host_known_encoder(how.removesuffix(" fused")).eval()
+    enc.fuse = how.endswith("fused")
     with torch.no_grad():
         eager = enc(pixels)
         compiled = torch.compile(enc, fullgraph=True, backend="eager")(pixels)

@@ -83,6 +83,21 @@ def test_fixed_r_equals_tome_spelled_out(kind, r, pixels):
     assert lengths == want_lengths and groups == want_slots
 
 
+@pytest.mark.parametrize("kind", ["cls", "none"])
+def test_fused_fixed_r_equals_tome_spelled_out(kind, pixels):
+    """``fuse=True``: every merge is one compiled step (``dymu.engine.fused``), ToMe still."""
+    model = build(kind)
+    r_list = tome_schedule((10, -1.0), 4)
+    with torch.no_grad():
+        want_feats, want_logits, want_lengths, want_slots = naive_forward(model, pixels, r_list)
+        dymu.apply_tome(model, r=(10, -1.0), trace_source=True, fuse=True)
+        feats = model.forward_features(pixels)
+        state = model.dymu_tome
+        lengths = torch.stack(state.block_lengths, 1).tolist()
+    torch.testing.assert_close(feats, want_feats, atol=1e-5, rtol=1e-5)
+    assert lengths == want_lengths and state.groups.tolist() == want_slots
+
+
 @pytest.mark.parametrize("kind", ["cls", "deit", "reg4", "none"])
 def test_token_counts_follow_the_schedule_with_caps(kind, pixels):
     model = build(kind)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
+from ..engine.fused import FusedSteps
 from ..engine.packing import Packing
 from ..engine.schedule import ToMeR, tome_schedule
 from ..errors import DyMUError
@@ -46,6 +47,8 @@ class ToMeState:
     prop_attn: bool
     trace_source: bool
     tower: TowerAdapter = field(repr=False)
+    fuse: bool | None = None  # fixed-r merges run the compiled step (None: on CUDA)
+    _fused: FusedSteps = field(default_factory=FusedSteps, repr=False)
     lengths: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     block_lengths: list[torch.Tensor] = field(default_factory=list)
@@ -67,7 +70,10 @@ class ToMeState:
 
     def tokens(self, x: torch.Tensor) -> Tokens:
         """The padded ``x (B, L, D)`` a block receives, packed, with what the state knows."""
-        return Tokens(self.packing.pack(x), self.packing, self.lengths, self._sizes, self.groups)
+        fuse = x.device.type == "cuda" if self.fuse is None else self.fuse
+        steps = self._fused if fuse else None
+        packed = self.packing.pack(x)
+        return Tokens(packed, self.packing, self.lengths, self._sizes, self.groups, fuse=steps)
 
     def after(self, tokens: Tokens) -> None:
         self.packing, self.lengths, self._sizes = tokens.packing, tokens.lengths, tokens.sizes
@@ -81,6 +87,7 @@ def apply_tome(
     prop_attn: bool = True,
     trace_source: bool = False,
     thresholds: str | os.PathLike | Thresholds | None = None,
+    fuse: bool | None = None,
 ) -> nn.Module:
     """Merge tokens inside ``model``'s vision tower, in place; returns ``model``.
 
@@ -90,7 +97,9 @@ def apply_tome(
     (a file or :class:`Thresholds` found for this tower) DyMU's rule applies instead: each
     image keeps the tokens its content needs (padded, batch-invariant). ``prop_attn`` adds
     ``log(size)`` to attention logits; ``trace_source`` keeps each image's ``groups`` on
-    ``model.dymu_tome``. Applying again replaces the previous settings.
+    ``model.dymu_tome``. ``fuse``: fixed-r merges run one compiled step instead of some 20
+    eager ops (:mod:`dymu.engine.fused`; ``None``: on CUDA only). Applying again replaces the
+    previous settings.
     """
     from .factory import find_tower, instance_name
 
@@ -104,7 +113,7 @@ def apply_tome(
     else:
         schedule = tome_schedule(r, tower.num_blocks)
         plan = [Merging(fixed_r=v) if v > 0 else None for v in schedule]
-    state = ToMeState(schedule, thresholds, prop_attn, trace_source, tower)
+    state = ToMeState(schedule, thresholds, prop_attn, trace_source, tower, fuse)
     patches = list(tower.sized_heads(lambda: state.sizes))
     for index, block in enumerate(tower.blocks):
         name = _forward_name(block)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from ..errors import DyMUError
@@ -18,6 +19,7 @@ from ..thresholds import Thresholds
 from ..towers.base import TowerAdapter
 from .attention import attend, way
 from .deferred import PendingLengths, compact
+from .fused import FusedSteps, StepConfig
 from .merge import (
     NEG_INF,
     Sides,
@@ -32,7 +34,7 @@ from .merge import (
     track,
     with_sizes,
 )
-from .packing import Packing
+from .packing import Packing, constant
 
 # A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
 Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -50,6 +52,7 @@ class Merging:
     rule: Rule | None = None
     reorder_all: bool = False
     fixed_r: int | None = None
+    tau: float | None = None  # the threshold of a threshold rule (what the fused step takes)
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Tokens:
     lag: int | None = None
     pending: tuple[PendingLengths, ...] = ()
     gaps: bool = False  # groups hold -1 (padded input patches)
+    fuse: FusedSteps | None = None  # the compiled merge steps to run (:mod:`.fused`), if any
 
 
 def run_block(
@@ -85,20 +89,54 @@ def run_block(
     heads = tower.num_heads
     q, k, v = tower.qkv(block, x)
     merges = merging is not None and packing.width - prefix >= 2
+    fused = merges and _fusable(tokens, merging)
     log_sizes = None if tokens.sizes is None else tokens.sizes.log()  # dead rows: -inf
     padded_log = None  # the padded view (uniform: a reshape), for the padded attention and merge
     if log_sizes is not None:
-        if merges or (not packing.uniform and way(attention, x.device.type) == "padded"):
+        eager_merge = merges and not fused
+        if eager_merge or (not packing.uniform and way(attention, x.device.type) == "padded"):
             padded_log = packing.pad(log_sizes, NEG_INF)
     if not prop_attn and log_sizes is not None:  # only dead rows masked
         log_sizes = log_sizes.clamp(max=0.0)
         padded_log = None if padded_log is None else padded_log.clamp(max=0.0)
     out = attend(q, k, v, heads, packing, log_sizes, attention, padded_log)
     tokens = replace(tokens, x=x + tower.attn_out(block, out))
-    if merges:
+    if fused:
+        tokens = catch_up(_merge_fused(tokens, k, merging, prefix, heads, block), block)
+    elif merges:
         metric = k.unflatten(-1, (heads, -1)).mean(1, dtype=torch.float32)
         tokens = catch_up(_merge(tokens, metric, padded_log, merging, prefix, block), block)
     return replace(tokens, x=tokens.x + tower.mlp(block, tokens.x))
+
+
+def _fusable(tokens: Tokens, merging: Merging) -> bool:
+    """Whether this merge runs a compiled step (asked for): a deferred threshold merge, or a
+    fixed-r merge of images of one length."""
+    if tokens.fuse is None:
+        return False
+    if merging.fixed_r is not None:
+        return tokens.packing.uniform
+    return tokens.lag is not None and merging.tau is not None
+
+
+def _merge_fused(
+    tokens: Tokens, keys: torch.Tensor, merging: Merging, prefix: int, heads: int, block: int
+) -> Tokens:
+    """The merge as one compiled step (:mod:`.fused`)."""
+    packing = tokens.packing
+    bsz, width = len(packing.lengths), packing.width
+    config = StepConfig(prefix, heads, merging.reorder_all, tokens.gaps)
+    state = (tokens.x, tokens.sizes, keys, tokens.groups, tokens.lengths)
+    if merging.fixed_r is not None:
+        r = min(merging.fixed_r, (width - prefix) // 2)  # the cap counts mergeable tokens
+        x, sizes, lengths, groups = tokens.fuse.fixed(*state, bsz, width, r, config)
+        after = Packing.from_lengths([width - r] * bsz, x.device)
+        return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
+    tau = constant(np.asarray(merging.tau, dtype=np.float32), tokens.x.device)
+    index = (None, None) if packing.uniform else (packing.batch, packing.pos)
+    x, sizes, lengths, groups = tokens.fuse.threshold(*state, tau, *index, bsz, width, config)
+    pending = (*tokens.pending, PendingLengths.start(lengths, block))
+    return replace(tokens, x=x, sizes=sizes, lengths=lengths, groups=groups, pending=pending)
 
 
 def catch_up(tokens: Tokens, block: int | None = None) -> Tokens:
@@ -171,7 +209,7 @@ def threshold_merging(
         if r_l > 0 and tau is not None:
             tau = float(torch.tensor(tau, dtype=torch.float32))
             rule = lambda m, lengths, n, tau=tau: threshold_rule(m, tau)  # noqa: E731
-            out.append(Merging(rule, reorder_all))
+            out.append(Merging(rule, reorder_all, tau=tau))
         else:
             out.append(None)
     return out

@@ -234,6 +234,8 @@ def destinations(
     if isinstance(merged, tuple):  # fixed r: the merged A tokens are listed
         sources, partners = merged
         dest_a.scatter_(1, sources, sides.b(dest).gather(1, partners))
+    elif torch.compiler.is_compiling():  # no strided out= there
+        dest_a.copy_(torch.where(merged, sides.b(dest).gather(1, node_idx), dest_a))
     else:
         torch.where(merged, sides.b(dest).gather(1, node_idx), dest_a, out=dest_a)
     return dest

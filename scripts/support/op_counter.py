@@ -47,10 +47,18 @@ from pageable memory without ``non_blocking`` run ``cudaStreamSynchronize`` (pyt
 move nothing and are not counted. Not counted anywhere: ``non_blocking`` copies, and waiting on
 a CUDA event (invisible on the CPU).
 
+**The fused merge step** (``dymu.engine.fused``; encoders with ``fuse=True``) is compiled
+code, which dynamo does not run under a dispatch mode: there it runs eagerly, uncounted, and
+counts as the launches of the code ``torch.compile`` makes for the same arguments (inductor's
+output code: its fused kernels, extern kernels and ATen calls), compiled once per kind of call
+outside the counter. On a CPU that is inductor's C++ code, whose fusion stands in for the
+Triton kernels a GPU would get.
+
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -60,9 +68,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from dymu.engine import fused
 
 ROOT = Path(__file__).resolve().parent.parent
 aten = torch.ops.aten
@@ -153,6 +163,7 @@ class OverheadCounter(TorchDispatchMode):
             (torch.Tensor, "cpu", self._wrap_cpu),
             (torch, "tensor", self._wrap_tensor),
             (torch, "as_tensor", self._wrap_tensor),
+            (fused.FusedStep, "__call__", self._wrap_fused),
         ):
             self._saved.append((owner, name, vars(owner).get(name, _MISSING)))
             setattr(owner, name, wrap(getattr(owner, name)))
@@ -234,6 +245,21 @@ class OverheadCounter(TorchDispatchMode):
 
         return counted_tensor
 
+    def _wrap_fused(self, call: Callable) -> Callable:
+        def counted_fused(step: fused.FusedStep, *args: Any) -> Any:
+            launches = compiled_launches(step.fn, args) if not step.failed else None
+            counting, self.counting = self.counting, self.counting and launches is None
+            try:
+                out = call(step, *args)  # eager under this mode; counted as itself if uncompiled
+            finally:
+                self.counting = counting
+            if counting and launches is not None:
+                self.count.ops += launches
+                self.count.ops_by_name["fused merge step"] += launches
+            return out
+
+        return counted_fused
+
     def _moved(self, src: object, out: torch.Tensor, to_host: bool, non_blocking: bool):
         """``out``, ``src`` copied to the host or the device: a blocking copy across counts;
         on a CPU run, where the copy is ``src`` itself, an alias of it resides there."""
@@ -267,6 +293,51 @@ class OverheadCounter(TorchDispatchMode):
             self.count.ops += 1
             self.count.ops_by_name[str(func.overloadpacket.__name__)] += 1
         return out
+
+
+_LAUNCHES: dict[tuple, int] = {}
+# a kernel launch in inductor's output code: its own kernels (C++ or Triton), extern kernels,
+# ATen ops it falls back to
+_LAUNCH = re.compile(r"^\s+(?:\w+ = )?(?:cpp_fused_\w+\(|\w+\.run\(|extern_kernels\.\w+\(|"
+                     r"(?:torch\.ops\.)?aten\.\w+\.\w+\()")  # fmt: skip
+
+
+def compiled_launches(fn: Callable, args: tuple) -> int:
+    """Kernel launches of the code ``torch.compile`` makes for the fused merge step ``fn``
+    called with ``args``: compiled once per kind of call (which inputs are given, their dtypes,
+    integers that are 0 or 1, which dynamo specialises on), outside any dispatch mode and
+    caches."""
+    key = (fn.__name__, *map(_kind, args))
+    if key not in _LAUNCHES:
+        from torch._inductor import config as inductor
+        from torch._inductor.utils import run_and_get_code
+
+        step = torch.compile(fn, dynamic=True, fullgraph=True)
+        with _disable_current_modes(), inductor.patch(fx_graph_cache=False):
+            _, codes = run_and_get_code(step, *args)
+        _LAUNCHES[key] = sum(launches_in(code) for code in codes)
+    return _LAUNCHES[key]
+
+
+def _kind(arg: object) -> object:
+    """What of an argument a compiled function's code depends on."""
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.device.type, arg.dim())
+    if isinstance(arg, int) and not isinstance(arg, bool):
+        return min(arg, 2)  # 0, 1, or any other
+    return arg
+
+
+def launches_in(code: str) -> int:
+    """Kernel launches in the ``call`` function of one inductor output module."""
+    head, _, body = code.partition("def call(")
+    indent = len(head) - len(head.rstrip(" "))  # of the ``def``: the body is deeper
+    count = 0
+    for line in body.splitlines()[1:]:
+        if line.strip() and len(line) - len(line.lstrip(" ")) <= indent:
+            break  # the end of ``call``
+        count += bool(_LAUNCH.match(line))
+    return count
 
 
 def launches_kernel(func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: object) -> bool:

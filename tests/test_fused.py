@@ -1,0 +1,89 @@
+"""The compiled merge steps (``dymu.engine.fused``) against the naive reference, and what
+happens where compiling fails. Compiled here by inductor's CPU backend, as a GPU's by Triton."""
+
+import logging
+
+import pytest
+import torch
+from naive import naive_encode
+from test_encoder import calibrated, encoder, pixels  # noqa: F401 - fixtures
+
+import dymu
+from dymu.engine import fused
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_fused_threshold_merging_equals_the_naive_reference(encoder, pixels, calibrated, lag):  # noqa: F811
+    """One compiled step per merge, images of different lengths in one batch, dead rows kept
+    for ``lag`` blocks: the naive reference's tokens, sizes and groups."""
+    taus = calibrated.thresholds.tolist()
+    encoder.read_lag, encoder.fuse = lag, True
+    try:
+        with torch.no_grad():
+            out = encoder(pixels)
+    finally:
+        encoder.read_lag, encoder.fuse = None, None
+    assert encoder._fused.threshold.failed is None
+    xs, sizes, groups, _ = naive_encode(encoder.tower.visual, pixels, encoder.r, taus)
+    assert out.lengths.tolist() == [x.shape[0] for x in xs]
+    assert len(set(out.lengths.tolist())) > 1
+    for b, tokens in enumerate(out.to_list()):
+        assert torch.allclose(tokens, xs[b], atol=1e-4)
+        assert out.sizes[b, : len(sizes[b])].tolist() == sizes[b]
+        assert out.groups[b].tolist() == groups[b]
+
+
+def test_fused_merging_on_a_tower_without_a_class_token(photos):
+    """SigLIP reorders every image at every merge (no prefix tokens): compiled as eager."""
+    from towers import build
+
+    enc = dymu.build_encoder(build("open_clip SigLIP"))
+    pix = torch.stack([enc.preprocess(p) for p in photos[:5]])
+    enc.set_thresholds(dymu.find_thresholds(enc, [pix[:3], pix[3:]]))
+    with torch.no_grad():
+        eager = enc(pix)
+        enc.fuse = True
+        compiled = enc(pix)
+    assert len(set(eager.lengths.tolist())) > 1
+    assert torch.equal(eager.lengths, compiled.lengths)
+    assert torch.equal(eager.groups, compiled.groups)
+    assert torch.allclose(eager.tokens, compiled.tokens, atol=1e-5)
+
+
+def test_a_step_that_does_not_compile_runs_eagerly_and_says_so(monkeypatch, caplog):
+    """Any compiler failure (an old torch, no C++ compiler) falls back to the eager step,
+    with one warning, and later calls do not try again."""
+    tries = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            tries.append(1)
+            raise RuntimeError("no compiler here\nmore detail")
+
+        return run
+
+    monkeypatch.setattr(fused.torch, "compile", broken_compile)
+    step = fused.FusedStep(fused.fixed_step)
+    torch.manual_seed(0)
+    x, keys = torch.randn(2 * 9, 8), torch.randn(2 * 9, 8)
+    args = (
+        x,
+        None,
+        keys,
+        None,
+        torch.tensor([9, 9]),
+        2,
+        9,
+        3,
+        fused.StepConfig(1, 2, False, False),
+    )
+    with caplog.at_level(logging.WARNING, logger="dymu.engine.fused"):
+        first = step(*args)
+        second = step(*args)
+    want = fused.fixed_step(*args)
+    for got in (first, second):
+        assert torch.equal(got[0], want[0]) and got[2].tolist() == [6, 6]
+    assert len(tries) == 1 and step.failed == "RuntimeError: no compiler here"
+    assert [r.getMessage() for r in caplog.records] == [
+        "the fused merge step did not compile (RuntimeError: no compiler here); merging eagerly"
+    ]
