@@ -27,7 +27,7 @@ Images of different lengths attend the way ``attention="auto"`` takes on a GPU (
 SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image. The
 encoder rows show threshold merging both ways: ``dymu`` merges eagerly (a CPU's default) and
 ``dymu fused`` runs the compiled merge step (``dymu.engine.fused``, a GPU's default), and so
-do ``fixed-r`` and ``fixed-r fused``; the VLM rows merge as on a GPU, compiled.
+do ``fixed-r`` and ``fixed-r fused``; the VLM and Qwen rows merge as on a GPU, compiled.
 Every variant runs one uncounted forward first (lazy set-up), then one counted forward, under
 ``torch.inference_mode``; what counts as an op, a host read and an upload is said in
 ``scripts/support/op_counter.py``.
@@ -255,7 +255,8 @@ def qwen_rows(args: argparse.Namespace) -> list[Row]:
     with torch.inference_mode():
         found = bench_vlm_qwen.calibrate(model, batches, bench_vlm_qwen.BUDGETS["low"])
     models = {"vanilla": model, "dymu+VTU": dymu.apply(bench_vlm_qwen.shared_copy(model), found)}
-    dymu.integrations.hf_qwen_vl.encoder_of(models["dymu+VTU"]).attention = gpu_way(args)
+    encoder = dymu.integrations.hf_qwen_vl.encoder_of(models["dymu+VTU"])
+    encoder.attention, encoder.fuse = gpu_way(args), gpu_fuse(args)
     rows = []
     for bsz in args.batch_sizes:
         inputs = bench_vlm_qwen.model_inputs(pick(images, bsz, 0), args.device)

@@ -65,7 +65,7 @@ def test_a_step_that_does_not_compile_runs_eagerly_and_says_so(monkeypatch, capl
     monkeypatch.setattr(fused.torch, "compile", broken_compile)
     step = fused.FusedStep(fused.fixed_step)
     torch.manual_seed(0)
-    x, keys = torch.randn(2 * 9, 8), torch.randn(2 * 9, 8)
+    x, keys = torch.randn(2 * 9, 8), torch.randn(2 * 9, 1, 2, 4)
     args = (
         x,
         None,
@@ -75,7 +75,7 @@ def test_a_step_that_does_not_compile_runs_eagerly_and_says_so(monkeypatch, capl
         2,
         9,
         3,
-        fused.StepConfig(1, 2, False, False),
+        fused.StepConfig(1, False, False),
     )
     with caplog.at_level(logging.WARNING, logger="dymu.engine.fused"):
         first = step(*args)

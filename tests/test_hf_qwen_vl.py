@@ -83,6 +83,24 @@ def test_encoder_matches_naive_loop(model, positions):
     _same(out, expected)
 
 
+def test_fused_merges_match_naive_loop(model):
+    """Merges as one compiled step each (``dymu.engine.fused``), windows as its images and
+    the rotary tables carried, with dead units kept for two blocks: the naive loop's tokens,
+    groups and DeepStack outputs."""
+    pix, grid = pixels([*IMAGES, (2, 4, 6)])
+    thresholds = calibrated(model, {"pixel_values": pix, "image_grid_thw": grid})
+    encoder = hf_qwen_vl.build_encoder(model, thresholds)
+    encoder.fuse, encoder.read_lag = True, 2
+    with torch.no_grad():
+        out = encoder(pix, grid)
+    assert encoder._fused.threshold.failed is None
+    expected, deepstack = naive_qwen(model.model.visual, pix, grid, thresholds.merging_blocks())
+    assert sum(out.host_lengths) < sum(len(g) for _, g in expected)  # something merged
+    for head, naive in zip(out.features, deepstack, strict=True):
+        _same(head, naive)
+    _same(out, expected)
+
+
 def test_every_read_lag_gives_the_same_output(model):
     """Lengths read 0, 1 or 3 blocks after a merge (dead units kept meanwhile) change
     nothing: tokens, groups, per-block counts, DeepStack outputs."""

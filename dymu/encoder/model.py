@@ -13,7 +13,7 @@ from torch import nn
 from ..engine.attention import check_mode
 from ..engine.blocks import Merging, Tokens, catch_up, run_block, threshold_merging
 from ..engine.deferred import auto_lag
-from ..engine.fused import FusedSteps
+from ..engine.fused import Fuses
 from ..engine.merge import batch_rule
 from ..engine.packing import Packing, constant, upload
 from ..errors import DyMUError, MissingThresholds
@@ -57,7 +57,7 @@ class EncoderOutput:
         return f"EncoderOutput({', '.join(parts)})"
 
 
-class DyMUEncoder(nn.Module):
+class DyMUEncoder(Fuses, nn.Module):
     """A vision tower that merges tokens above per-block thresholds, per image.
 
     ``r`` is the per-block schedule (used for calibration; a block with ``r == 0`` never
@@ -89,8 +89,6 @@ class DyMUEncoder(nn.Module):
         self.tower = tower
         self.attention = check_mode(attention)
         self.read_lag: int | None = None
-        self.fuse: bool | None = None
-        self._fused: FusedSteps | None = None  # made when first asked for
         self.name = name or type(tower).__name__
         if len(r) != tower.num_blocks:
             raise DyMUError(
@@ -230,7 +228,9 @@ class DyMUEncoder(nn.Module):
         if deferred:
             lag = auto_lag(x.device) if self.read_lag is None else self.read_lag
         gaps = bool(packing.lengths) and min(host_lengths) < groups.shape[1]  # padded patches: -1
-        tokens = Tokens(x, packing, lengths, None, groups, lag, gaps=gaps, fuse=self._steps(x))
+        tokens = Tokens(
+            x, packing, lengths, None, groups, lag, gaps=gaps, fuse=self._steps(x.device)
+        )
         block_lengths = []
         for block in range(num_run):
             step = merging[block] if block < len(merging) else None
@@ -253,14 +253,6 @@ class DyMUEncoder(nn.Module):
             host_lengths=tokens.packing.lengths,
         )
         return _drop_prefix(out, prefix, tokens.gaps) if self.drop_cls and prefix else out
-
-    def _steps(self, x: torch.Tensor) -> FusedSteps | None:
-        """The compiled merge steps, where ``fuse`` asks for them (``None``: on CUDA)."""
-        if not (x.device.type == "cuda" if self.fuse is None else self.fuse):
-            return None
-        if self._fused is None:
-            self._fused = FusedSteps()
-        return self._fused
 
     def _embed(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
         """Packed embeddings ``(T, D)``, tokens per image (on the device and on the host) and

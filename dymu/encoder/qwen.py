@@ -36,6 +36,7 @@ from torch import nn
 from ..engine.attention import attend, check_mode
 from ..engine.blocks import Merging, threshold_merging
 from ..engine.deferred import auto_lag, compact
+from ..engine.fused import Fuses
 from ..engine.merge import batch_rule
 from ..engine.packing import Packing, constant, upload
 from ..engine.units import Units, catch_up_units, lengths_by_block, merge_units
@@ -54,7 +55,7 @@ warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", catego
 POSITIONS = ("keep", "unmerge")
 
 
-class QwenDyMUEncoder(nn.Module):
+class QwenDyMUEncoder(Fuses, nn.Module):
     """A Qwen2-VL / Qwen2.5-VL vision tower that merges 2x2 units above per-block thresholds.
 
     ``r``: merges per window per block for calibration (a block with ``r == 0`` never
@@ -179,6 +180,7 @@ class QwenDyMUEncoder(nn.Module):
             unit,
             groups=start.pad(constant(_positions(emb.window_units), device), -1).long(),
             lag=lag,
+            fuse=self._steps(device),
         )
         features, memo = [], {}  # memo: this forward's packings and log sizes, made once
         for block in range(tower.num_blocks):
@@ -188,9 +190,8 @@ class QwenDyMUEncoder(nn.Module):
             x = x + tower.attn_out(block, self._attend(block, (q, k, v), state, emb, start, memo))
             state = replace(state, x=x)
             if merging[block] is not None and state.windows.width >= 2:
-                metric = k.view(-1, unit, tower.num_heads, tower.head_dim)
-                metric = metric.mean(2, dtype=torch.float32).flatten(1)
-                state = merge_units(state, metric, merging[block], block)
+                keys = k.view(-1, unit, tower.num_heads, tower.head_dim)
+                state = merge_units(state, keys, merging[block], block)
                 state = catch_up_units(state, block) if lag == 0 else state
             state = replace(state, x=state.x + tower.mlp(block, state.x))
             if heads and block in tower.feature_blocks:  # DeepStack: this block's tokens too

@@ -125,16 +125,17 @@ def _merge_fused(
     """The merge as one compiled step (:mod:`.fused`)."""
     packing = tokens.packing
     bsz, width = len(packing.lengths), packing.width
-    config = StepConfig(prefix, heads, merging.reorder_all, tokens.gaps)
+    config = StepConfig(prefix, merging.reorder_all, tokens.gaps)
+    keys = keys.view(keys.shape[0], 1, heads, -1)  # one row per token
     state = (tokens.x, tokens.sizes, keys, tokens.groups, tokens.lengths)
     if merging.fixed_r is not None:
         r = min(merging.fixed_r, (width - prefix) // 2)  # the cap counts mergeable tokens
-        x, sizes, lengths, groups = tokens.fuse.fixed(*state, bsz, width, r, config)
+        x, sizes, lengths, groups, _ = tokens.fuse.fixed(*state, bsz, width, r, config)
         after = Packing.from_lengths([width - r] * bsz, x.device)
         return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
     tau = constant(np.asarray(merging.tau, dtype=np.float32), tokens.x.device)
     index = (None, None) if packing.uniform else (packing.batch, packing.pos)
-    x, sizes, lengths, groups = tokens.fuse.threshold(*state, tau, *index, bsz, width, config)
+    x, sizes, lengths, groups, _ = tokens.fuse.threshold(*state, tau, *index, bsz, width, config)
     pending = (*tokens.pending, PendingLengths.start(lengths, block))
     return replace(tokens, x=x, sizes=sizes, lengths=lengths, groups=groups, pending=pending)
 

@@ -7,7 +7,9 @@ these sizes (issue 19). Written as one function of tensors with the shapes as pl
 integers, ``torch.compile(dynamic=True, fullgraph=True)`` fuses a step into a handful of
 kernels (on a CPU: four fused loops, the score ``baddbmm``, the sort and one scatter),
 compiled once per kind of batch (one image, one length, different lengths) and reused for
-every block and every length.
+every block and every length. Qwen's towers merge whole units inside windows with the same
+threshold step (:mod:`.units`): windows are its images, units its tokens (their patches side
+by side), and each unit's rotary table is carried along.
 
 The threshold step is the deferred one (:mod:`.deferred`): every image keeps its packed
 segment, new tokens first and dead rows after them, so the output has the input's shapes and
@@ -49,16 +51,15 @@ from .merge import (
 
 log = logging.getLogger(__name__)
 
-Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclass(frozen=True)
 class StepConfig:
-    """What stays fixed for a tower: prefix tokens, heads, whether every image is reordered,
-    whether ``groups`` hold -1 (padded input patches)."""
+    """What stays fixed for a tower: prefix tokens, whether every image is reordered, whether
+    ``groups`` hold -1 (padded input patches)."""
 
     prefix: int
-    heads: int
     reorder_all: bool
     gaps: bool
 
@@ -75,20 +76,24 @@ def threshold_step(
     bsz: int,
     width: int,
     config: StepConfig,
+    carried: torch.Tensor | None = None,
 ) -> Step:
     """One deferred threshold merge of packed ``x (T, D)``.
 
-    ``keys (T, D)``: the block's attention keys (the metric is their mean over heads, in
-    float32); ``sizes (T,)`` float32 or ``None`` (all 1); ``groups (B, N0)`` or ``None``;
+    ``keys (T, A, heads, d)``: the block's attention keys of each token's ``A`` rows (1, or
+    the patches of a unit); the metric is their mean over heads in float32, rows side by
+    side. ``sizes (T,)`` float32 or ``None`` (all 1); ``groups (B, N0)`` or ``None``;
     ``lengths (B,)`` live tokens per image; ``tau`` the block's threshold (a 0-dim float32
     tensor, so one compiled step serves every block); ``batch``/``pos (T,)`` where each packed
     row sits in the padded ``(bsz, width)`` view, ``None`` when every image has ``width``
-    tokens (the view is a reshape). Returns ``x``, ``sizes``, ``lengths`` and ``groups`` after
-    the merge, packed as before (dead rows: size 0).
+    tokens (the view is a reshape); ``carried (T, C)``: rows that move with their token and
+    are never averaged (a merged token keeps its destination's: rotary tables). Returns
+    ``x``, ``sizes``, ``lengths``, ``groups`` and ``carried`` after the merge, packed as
+    before (dead rows: size 0).
     """
     uniform = batch is None
     sides = Sides(width, config.prefix)
-    metric = keys.unflatten(-1, (config.heads, -1)).mean(1, dtype=torch.float32)
+    metric = keys.mean(-2, dtype=torch.float32).flatten(1)
     bias = None  # 0 on live slots, -inf on padding and dead rows
     if sizes is None and not uniform:  # padding must read as dead
         sizes = metric.new_ones(metric.shape[0])
@@ -102,9 +107,10 @@ def threshold_step(
     if groups is not None:
         dest = destinations(order, width, merged, node_idx, sides)
         groups = track(groups, dest, config.gaps)
-    laid = xs.gather(1, order[..., None].expand(-1, -1, xs.shape[-1]))
-    x, sizes = split_sizes(laid.reshape(-1, xs.shape[-1]) if uniform else laid[batch, pos], x.dtype)
-    return x, sizes, lengths - merged.sum(-1), groups
+    x, sizes = split_sizes(_lay_out(xs, order, batch, pos), x.dtype)
+    if carried is not None:
+        carried = _lay_out(_pad(carried, batch, pos, bsz, width, 0.0), order, batch, pos)
+    return x, sizes, lengths - merged.sum(-1), groups, carried
 
 
 def fixed_step(
@@ -121,9 +127,9 @@ def fixed_step(
     """One fixed-r merge (ToMe mode) of ``bsz`` images of ``width`` tokens each, packed in
     ``x (T, D)``: each image merges its ``r`` best A tokens (``r`` capped by the caller).
     Arguments as :func:`threshold_step`'s; returns them after the merge, ``width - r`` tokens
-    per image."""
+    per image (nothing carried)."""
     sides = Sides(width, config.prefix)
-    metric = keys.unflatten(-1, (config.heads, -1)).mean(1, dtype=torch.float32)
+    metric = keys.mean(-2, dtype=torch.float32).flatten(1)
     bias = None if sizes is None else sizes.log().reshape(bsz, width).clamp(max=0.0)
     xs = with_sizes(x, sizes).reshape(bsz, width, -1)
     node_max, node_idx = match(metric.reshape(bsz, width, -1), bias, sides)
@@ -132,7 +138,15 @@ def fixed_step(
         dest = destinations(order, width, merged, node_idx, sides)
         groups = track(groups, dest, config.gaps)
     x, sizes = split_sizes(out.reshape(-1, out.shape[-1]), x.dtype)
-    return x, sizes, lengths - r, groups
+    return x, sizes, lengths - r, groups, None
+
+
+def _lay_out(
+    padded: torch.Tensor, order: torch.Tensor, batch: torch.Tensor | None, pos: torch.Tensor | None
+) -> torch.Tensor:
+    """Every image's slots of ``padded (B, W, C)`` in ``order``, packed as the input was."""
+    laid = padded.gather(1, order[..., None].expand(-1, -1, padded.shape[-1]))
+    return laid.reshape(-1, padded.shape[-1]) if batch is None else laid[batch, pos]
 
 
 def _pad(
@@ -186,3 +200,19 @@ class FusedSteps:
 
     threshold: FusedStep = field(default_factory=lambda: FusedStep(threshold_step))
     fixed: FusedStep = field(default_factory=lambda: FusedStep(fixed_step))
+
+
+class Fuses:
+    """For an encoder: ``fuse`` (``None``: on CUDA only) says whether its merges run the
+    compiled steps, which it owns (made when first asked for)."""
+
+    fuse: bool | None = None
+    _fused: FusedSteps | None = None
+
+    def _steps(self, device: torch.device) -> FusedSteps | None:
+        """The compiled merge steps, where ``fuse`` asks for them on ``device``."""
+        if not (torch.device(device).type == "cuda" if self.fuse is None else self.fuse):
+            return None
+        if self._fused is None:
+            self._fused = FusedSteps()
+        return self._fused

@@ -20,6 +20,7 @@ import torch
 
 from .blocks import Merging
 from .deferred import PendingLengths, compact
+from .fused import FusedSteps, StepConfig
 from .merge import (
     NEG_INF,
     Sides,
@@ -32,7 +33,7 @@ from .merge import (
     track,
     with_sizes,
 )
-from .packing import Packing
+from .packing import Packing, constant
 
 
 @dataclass
@@ -52,11 +53,16 @@ class Units:
     lag: int | None = None
     pending: tuple[PendingLengths, ...] = ()
     read: tuple[tuple[int, list[int]], ...] = ()  # (block, lengths) read so far
+    fuse: FusedSteps | None = None  # deferred threshold merges run the compiled step
 
 
-def merge_units(state: Units, metric: torch.Tensor, merging: Merging, block: int) -> Units:
-    """One merge inside every window: ``metric (U, C)`` float32 per unit. The windows are
-    packed again at once (``lag`` None or 0) or keep their dead units until read."""
+def merge_units(state: Units, keys: torch.Tensor, merging: Merging, block: int) -> Units:
+    """One merge inside every window: ``keys (U, unit, heads, d)``, each unit's patches' keys
+    (the metric: their means over heads, side by side, in float32). The windows are packed
+    again at once (``lag`` None or 0) or keep their dead units until read."""
+    if state.fuse is not None and state.lag is not None and merging.tau is not None:
+        return _merge_fused(state, keys, merging.tau, block)
+    metric = keys.mean(2, dtype=torch.float32).flatten(1)
     windows, count = state.windows, metric.shape[0]
     sides, sizes = Sides(windows.width, 0), state.sizes
     if sizes is None and not windows.uniform:  # padding must read as dead
@@ -79,6 +85,21 @@ def merge_units(state: Units, metric: torch.Tensor, merging: Merging, block: int
     state = replace(state, rope=rope.view(-1, state.rope.shape[-1]), windows=after, live=live)
     if state.lag is None:
         return replace(state, read=(*state.read, (block, list(after.lengths))))
+    return replace(state, pending=(*state.pending, PendingLengths.start(live, block)))
+
+
+def _merge_fused(state: Units, keys: torch.Tensor, tau: float, block: int) -> Units:
+    """The deferred merge as one compiled step (:mod:`.fused`): windows as its images, units
+    as its tokens (their patches side by side), the rotary tables carried."""
+    windows, count, dim = state.windows, keys.shape[0], state.x.shape[-1]
+    index = (None, None) if windows.uniform else (windows.batch, windows.pos)
+    x, sizes, live, groups, rope = state.fuse.threshold(
+        state.x.view(count, -1), state.sizes, keys, state.groups, state.live,
+        constant(np.asarray(tau, dtype=np.float32), keys.device), *index,
+        len(windows.lengths), windows.width, StepConfig(0, False, True), state.rope.view(count, -1),
+    )  # fmt: skip
+    rope = rope.view(-1, state.rope.shape[-1])
+    state = replace(state, x=x.view(-1, dim), sizes=sizes, groups=groups, rope=rope, live=live)
     return replace(state, pending=(*state.pending, PendingLengths.start(live, block)))
 
 
