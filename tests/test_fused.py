@@ -87,3 +87,25 @@ def test_a_step_that_does_not_compile_runs_eagerly_and_says_so(monkeypatch, capl
     assert [r.getMessage() for r in caplog.records] == [
         "the fused merge step did not compile (RuntimeError: no compiler here); merging eagerly"
     ]
+
+
+def test_an_encoder_that_ran_compiled_pickles_and_copies(encoder, pixels, calibrated):  # noqa: F811
+    """Its compiled steps travel as the functions they compile, its rules are made again
+    (``torch.save`` of the whole module, ``copy.deepcopy``), and it works after."""
+    import copy
+    import io
+
+    encoder.fuse = True
+    try:
+        with torch.no_grad():
+            want = encoder(pixels[:2])
+        buffer = io.BytesIO()
+        torch.save(encoder, buffer)
+        loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        for other in (loaded, copy.deepcopy(encoder)):
+            with torch.no_grad():
+                got = other(pixels[:2])
+            assert torch.equal(got.groups, want.groups)
+            assert torch.allclose(got.tokens, want.tokens, atol=1e-6)
+    finally:
+        encoder.fuse = None

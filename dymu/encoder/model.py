@@ -112,6 +112,11 @@ class DyMUEncoder(Fuses, nn.Module):
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save`` of the module, ``copy.deepcopy``) without the per-block
+        rules, closures made again at the next forward."""
+        return {**self.__dict__, "_rules": None}
+
     @property
     def identity(self) -> TowerIdentity:
         """Which tower this is, as threshold files record it."""

@@ -101,6 +101,11 @@ class QwenDyMUEncoder(Fuses, nn.Module):
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
+    def __getstate__(self) -> dict:
+        """Pickled (``torch.save`` of the module, ``copy.deepcopy``) without the per-block
+        rules, closures made again at the next forward."""
+        return {**self.__dict__, "_rules": None}
+
     @property
     def identity(self) -> TowerIdentity:
         tower = self.tower

@@ -175,6 +175,7 @@ class FusedStep:
     def __init__(self, fn: Callable[..., Step]) -> None:
         code = fn.__code__.replace()  # equal, but an object of its own
         self.fn = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__)
+        self._source = fn
         self._compiled: Callable[..., Step] | None = None
         self.failed: str | None = None  # why compiling failed, once it has
 
@@ -192,6 +193,10 @@ class FusedStep:
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             log.warning("the fused merge step did not compile (%s); merging eagerly", self.failed)
             return self.fn(*args)
+
+    def __reduce__(self) -> tuple:
+        """Pickled (a saved or copied model) as the function it compiles, recompiled after."""
+        return (FusedStep, (self._source,))
 
 
 @dataclass
