@@ -190,6 +190,27 @@ def test_thresholds_found_by_name(monkeypatch, tmp_path, calibrated):
     assert torch.allclose(enc.thresholds.thresholds, calibrated.thresholds)
 
 
+@pytest.mark.parametrize("lag", [1, 3])
+def test_calibrating_with_lengths_read_blocks_later_changes_nothing(encoder, pixels, lag):
+    """Calibration reads each merge's lengths ``read_lag`` blocks later too (the batch rule's
+    count and cap are taken on the device): the same batch thresholds, lengths and groups
+    as reading them at once."""
+    batch = pixels[:6]
+    outs = []
+    for read_lag in (0, lag):
+        encoder.read_lag = read_lag
+        try:
+            with torch.no_grad():
+                outs.append(encoder.calibrate(batch, [40, 20, 10, 10]))  # caps bind late
+        finally:
+            encoder.read_lag = None
+    (now, values, used), (later, values_later, used_later) = outs
+    assert torch.equal(used, used_later)
+    assert torch.allclose(values, values_later, atol=1e-6)  # scores of a wider view: rounding
+    assert torch.equal(now.lengths, later.lengths) and torch.equal(now.groups, later.groups)
+    assert now.block_lengths[:, -1].tolist() != now.block_lengths[:, 0].tolist()
+
+
 @pytest.mark.parametrize("lag", [1, 2, 5])
 def test_reading_lengths_blocks_later_changes_nothing(encoder, pixels, calibrated, lag):
     """Threshold merges may read their new lengths some blocks later (the segments carry dead

@@ -101,6 +101,22 @@ def test_fused_merges_match_naive_loop(model):
     _same(out, expected)
 
 
+def test_calibration_reads_lengths_later_too(model):
+    """The batch rule with lengths read three blocks after each merge (its count, cap and
+    last rank taken on the device): the thresholds of reading them at once."""
+    pix, grid = pixels([*IMAGES, (2, 4, 6)])
+    encoder = hf_qwen_vl.build_encoder(model, r_total=5 * len(model.model.visual.blocks))
+    found = []
+    for lag in (0, 3):
+        encoder.read_lag = lag
+        with torch.no_grad():
+            found.append(encoder.calibrate({"pixel_values": pix, "image_grid_thw": grid}))
+    (now, values, used), (later, values_later, used_later) = found
+    assert torch.equal(used, used_later) and used.any()
+    torch.testing.assert_close(values, values_later, atol=1e-6, rtol=0)
+    assert now.host_lengths == later.host_lengths and torch.equal(now.groups, later.groups)
+
+
 def test_every_read_lag_gives_the_same_output(model):
     """Lengths read 0, 1 or 3 blocks after a merge (dead units kept meanwhile) change
     nothing: tokens, groups, per-block counts, DeepStack outputs."""

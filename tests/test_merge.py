@@ -7,6 +7,7 @@ import torch
 from dymu.engine.merge import (
     Sides,
     add_merged,
+    batch_merges,
     batch_rule,
     destinations,
     lay_out,
@@ -98,6 +99,36 @@ def test_batch_rule_ranks_across_the_batch_with_stable_ties():
     merged, thr = batch_rule(node_max, 1)  # tie: the lower flat index (image 0) wins
     assert merged.tolist() == [[False, True, False], [False, False, False]]
     assert abs(thr.item() - 0.9) < 1e-7
+
+
+def test_batch_rule_takes_a_count_on_the_device():
+    """The count as a 0-dim tensor (what calibration passes, so the host reads nothing):
+    the same edges and threshold as the host integer."""
+    node_max = torch.tensor([[-INF, 0.9, 0.3], [-INF, 0.9, 0.8]])
+    for count in (0, 1, 2, 3, 6):
+        want = batch_rule(node_max, count)
+        got = batch_rule(node_max, torch.tensor(count))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), count
+
+
+def test_batch_merges_caps_at_half_the_longest_images_mergeable_tokens():
+    lengths = torch.tensor([5, 9, 7])  # the longest: 9 tokens, 1 of them a class token
+    # (9 - 1) // 2 per image; A slots at width 9: positions 2, 4, 6, 8 (the class token at 0)
+    assert [t.item() for t in batch_merges(lengths, 10, 1)] == [3 * 4, 3 * 4 - 1]
+    assert batch_merges(lengths, 3, 1)[0].item() == 3 * 3  # r itself where it fits
+    # no prefix: 9 // 2 per image; A slots at 0, 2, 4, 6, 8
+    assert [t.item() for t in batch_merges(lengths, 10, 0)] == [3 * 4, 3 * 5 - 1]
+
+
+def test_batch_rule_reads_the_threshold_at_most_at_rank_last():
+    """Dead rows widen a deferred merge's view: its extra -inf edges must not move the
+    threshold past the live view's last edge."""
+    live = torch.tensor([[0.5, 0.4], [0.3, 0.2]])  # every edge merges: rank 3 is the last
+    node_max = torch.cat([live, torch.full((2, 2), -INF)], 1)  # two dead A rows per image
+    merged, thr = batch_rule(node_max, torch.tensor(4), torch.tensor(3))
+    assert merged.sum().item() == 4 and abs(thr.item() - 0.2) < 1e-7
+    assert torch.equal(thr, batch_rule(live, 4)[1])  # what the live view gives
+    assert batch_rule(node_max, 4)[1].item() == 0.0  # rank 4 of the wide view is -inf
 
 
 def test_batch_rule_threshold_is_clamped_and_never_merges_padding():

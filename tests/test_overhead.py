@@ -127,6 +127,21 @@ def test_threshold_merging_syncs_at_most_once_per_forward(threshold_encoder, pix
     assert count.host_reads + count.uploads <= 1, count.sites
 
 
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_calibration_batch_syncs_at_most_once(threshold_encoder, pixels, lag):
+    """The batch rule counts its merges and caps on the device and its lengths are read
+    blocks later, as at inference: no read or upload per merging block."""
+    threshold_encoder.read_lag = lag
+    try:
+        count = overhead.count_forward(
+            lambda: threshold_encoder.calibrate(pixels), threshold_encoder, pixels
+        )
+    finally:
+        threshold_encoder.read_lag = None
+    assert merging_blocks(threshold_encoder) > 1
+    assert count.host_reads + count.uploads <= 1, count.sites
+
+
 def test_fused_merges_count_their_compiled_kernels_and_fit_the_budget(threshold_encoder, pixels):
     """With ``fuse=True`` every merge is one compiled step, counted as the launches in the code
     inductor makes for it: the forward is within issue 19's 3x of the tower's own ops, which

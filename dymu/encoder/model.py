@@ -11,10 +11,9 @@ import torch
 from torch import nn
 
 from ..engine.attention import check_mode
-from ..engine.blocks import Merging, Tokens, catch_up, run_block, threshold_merging
+from ..engine.blocks import BatchThresholds, Merging, Tokens, catch_up, run_block, threshold_merging
 from ..engine.deferred import auto_lag
 from ..engine.fused import Fuses
-from ..engine.merge import batch_rule
 from ..engine.packing import Packing, constant, upload
 from ..errors import DyMUError, MissingThresholds
 from ..thresholds import Thresholds, TowerIdentity
@@ -191,31 +190,14 @@ class DyMUEncoder(Fuses, nn.Module):
         """One calibration batch with the batch rule (all blocks run).
 
         Returns the output, the batch threshold of every block ``(L,)`` float64 and which
-        blocks produced one ``(L,)`` bool. Stays on the device: no host syncs beyond the
-        merge sizes.
+        blocks produced one ``(L,)`` bool. Stays on the device: new lengths are read
+        ``read_lag`` blocks after each merge, as at inference (one wait per forward).
         """
         r = self.r if r is None else [int(v) for v in r]
-        total = self.tower.num_blocks
-        found: list[torch.Tensor | None] = [None] * total
-        prefix = self.num_prefix
-
-        def make_rule(block: int) -> Merging:
-            def rule(node_max: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
-                per_image = min(r[block], (n - prefix) // 2)  # a cap on mergeable tokens
-                merged, found[block] = batch_rule(node_max, node_max.shape[0] * per_image)
-                return merged
-
-            return Merging(rule, reorder_all=True)
-
-        merging = [make_rule(b) if r[b] > 0 else None for b in range(total)]
-        out = self._run(inputs, merging, num_run=total, head=False)
-        device = out.tokens.device
-        used = torch.tensor([t is not None for t in found], device=device)
-        values = [
-            t.double() if t is not None else torch.zeros((), device=device, dtype=torch.float64)
-            for t in found
-        ]
-        return out, torch.stack(values), used
+        found = BatchThresholds(r, self.num_prefix, reorder_all=True)
+        out = self._run(inputs, found.merging, num_run=self.tower.num_blocks, head=False,
+                        deferred=True)  # fmt: skip
+        return (out, *found.results(out.tokens.device))
 
     def _run(
         self,

@@ -34,10 +34,9 @@ import torch
 from torch import nn
 
 from ..engine.attention import attend, check_mode
-from ..engine.blocks import Merging, threshold_merging
+from ..engine.blocks import BatchThresholds, Merging, threshold_merging
 from ..engine.deferred import auto_lag, compact
 from ..engine.fused import Fuses
-from ..engine.merge import batch_rule
 from ..engine.packing import Packing, constant, upload
 from ..engine.units import Units, catch_up_units, lengths_by_block, merge_units
 from ..errors import DyMUError, MissingThresholds
@@ -142,25 +141,14 @@ class QwenDyMUEncoder(Fuses, nn.Module):
         """One calibration batch with the batch rule: ``r[l]`` merges per window in block
         ``l`` across the batch (as :meth:`dymu.DyMUEncoder.calibrate`)."""
         r = self.r if r is None else [int(v) for v in r]
-        found: list[torch.Tensor | None] = [None] * self.tower.num_blocks
-
-        def make_rule(block: int) -> Merging:
-            def rule(node_max: torch.Tensor, lengths, width: int) -> torch.Tensor:
-                per_window = min(r[block], width // 2)
-                merged, found[block] = batch_rule(node_max, node_max.shape[0] * per_window)
-                return merged
-
-            return Merging(rule)
-
+        found = BatchThresholds(r, prefix=0, reorder_all=False)
         out = self._run(
             self.tower.embed(*_inputs(inputs, None)),
-            [make_rule(b) if r[b] > 0 else None for b in range(self.tower.num_blocks)],
+            found.merging,
             heads=False,  # thresholds need no DeepStack features
+            deferred=True,  # lengths read read_lag blocks after each merge, as at inference
         )
-        device = out.tokens.device
-        zero = torch.zeros((), device=device, dtype=torch.float64)
-        values = torch.stack([zero if t is None else t.double() for t in found])
-        return out, values, torch.tensor([t is not None for t in found], device=device)
+        return (out, *found.results(out.tokens.device))
 
     def _run(
         self,

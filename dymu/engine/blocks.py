@@ -24,6 +24,8 @@ from .merge import (
     NEG_INF,
     Sides,
     add_merged,
+    batch_merges,
+    batch_rule,
     destinations,
     lay_out,
     match,
@@ -214,3 +216,33 @@ def threshold_merging(
         else:
             out.append(None)
     return out
+
+
+class BatchThresholds:
+    """The batch rule in every block of one calibration batch, and what it found: per block
+    the threshold and whether the block merged at all (too few tokens: it records nothing).
+    Counted and kept on the device (:func:`.merge.batch_merges`), so a merge's lengths may
+    be read blocks later."""
+
+    def __init__(self, r: Sequence[int], prefix: int, reorder_all: bool) -> None:
+        self.found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(r)
+        self.merging = [self._merging(b, v, prefix, reorder_all) if v > 0 else None
+                        for b, v in enumerate(r)]  # fmt: skip
+
+    def _merging(self, block: int, r: int, prefix: int, reorder_all: bool) -> Merging:
+        def rule(node_max: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
+            merges, last = batch_merges(lengths, r, prefix)
+            merged, threshold = batch_rule(node_max, merges, last)
+            self.found[block] = (threshold, merges > 0)
+            return merged
+
+        return Merging(rule, reorder_all)
+
+    def results(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every block's threshold ``(L,)`` float64 (0 where none) and whether it has one."""
+        zero = torch.zeros((), device=device, dtype=torch.float64)
+        no = torch.zeros((), device=device, dtype=torch.bool)
+        found = [f if f is not None else (zero, no) for f in self.found]
+        used = torch.stack([flag for _, flag in found])
+        values = torch.stack([t.double() for t, _ in found])
+        return torch.where(used, values, zero), used

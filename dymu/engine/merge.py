@@ -100,22 +100,47 @@ def threshold_rule(node_max: torch.Tensor, tau: float) -> torch.Tensor:
     return node_max > tau
 
 
-def batch_rule(node_max: torch.Tensor, num_merges: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_rule(
+    node_max: torch.Tensor,
+    num_merges: int | torch.Tensor,
+    last: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Calibration rule: merge the ``num_merges`` best edges of the whole batch.
 
     Edges are ranked by a stable descending sort of the flattened scores (ties keep the lower
-    index first). Returns the merged mask ``(B, Na)`` and the batch threshold: the score of
-    the edge at rank ``num_merges`` (the best unmerged one), clamped to ``>= 0``. A 0-dim
-    tensor on the scores' device, so accumulating it costs no host sync.
+    index first); an edge merges when its rank is below ``num_merges``. Returns the merged
+    mask ``(B, Na)`` and the batch threshold: the score of the edge at rank ``num_merges``
+    (the best unmerged one; at most rank ``last``, by default the last edge), clamped to
+    ``>= 0``. A 0-dim tensor on the scores' device, so accumulating it costs no host sync.
+    ``num_merges`` and ``last`` are host integers or 0-dim tensors on the device
+    (:func:`batch_merges`), which the host need not read.
     """
     flat = node_max.reshape(-1)
+    count = flat.numel()
     values, order = flat.sort(descending=True, stable=True)
-    num_merges = min(num_merges, flat.numel())
-    merged = torch.zeros_like(flat, dtype=torch.bool)
-    merged[order[:num_merges]] = True
-    merged &= torch.isfinite(flat)  # never merge a class or padding token
-    threshold = values[min(num_merges, flat.numel() - 1)].clamp(min=0.0)
-    return merged.view_as(node_max), threshold
+    ranks = torch.empty_like(order).scatter_(0, order, _positions(count, flat.device))
+    merged = (ranks < num_merges) & torch.isfinite(flat)  # never a class or padding token
+    last = count - 1 if last is None else last
+    if torch.is_tensor(num_merges) or torch.is_tensor(last):
+        rank = torch.minimum(torch.as_tensor(num_merges), torch.as_tensor(last)).clamp(
+            max=count - 1
+        )
+        threshold = values.gather(0, rank.reshape(1)).reshape(())
+    else:
+        threshold = values[min(num_merges, last, count - 1)]
+    return merged.view_as(node_max), threshold.clamp(min=0.0)
+
+
+def batch_merges(lengths: torch.Tensor, r: int, prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the batch rule takes in a block, counted on the device from the live
+    ``lengths (B,)``, so that a deferred merge's view (whose width may still hold dead rows)
+    decides as the view at the live width would: the merges, ``r`` per image (or window)
+    capped at half the mergeable tokens of the longest, and the rank of that view's last
+    edge (its A slots, all images)."""
+    longest, bsz = lengths.max(), lengths.shape[0]
+    per_image = ((longest - prefix) // 2).clamp(max=r)
+    a_slots = ((longest - prefix - prefix % 2 + 1) // 2).clamp(min=1)  # Sides(longest).num_a
+    return per_image * bsz, a_slots * bsz - 1
 
 
 def with_sizes(x: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
