@@ -89,6 +89,25 @@ def test_a_step_that_does_not_compile_runs_eagerly_and_says_so(monkeypatch, capl
     ]
 
 
+def test_running_out_of_memory_is_not_a_compiler_failure(monkeypatch):
+    """An out-of-memory error inside the compiled step reaches the caller, and the step
+    stays compiled (eager would not fit either)."""
+
+    def out_of_memory(fn, **kwargs):
+        def run(*args):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        return run
+
+    monkeypatch.setattr(fused.torch, "compile", out_of_memory)
+    step = fused.FusedStep(fused.fixed_step)
+    x, keys = torch.randn(9, 8), torch.randn(9, 1, 2, 4)
+    args = (x, None, keys, None, torch.tensor([9]), 1, 9, 3, fused.StepConfig(1, False, False))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        step(*args)
+    assert step.failed is None
+
+
 def test_an_encoder_that_ran_compiled_pickles_and_copies(encoder, pixels, calibrated):  # noqa: F811
     """Its compiled steps travel as the functions they compile, its rules are made again
     (``torch.save`` of the whole module, ``copy.deepcopy``), and it works after."""

@@ -66,6 +66,32 @@ def test_unmerged_encoder_is_the_tower(model):
         torch.testing.assert_close(expand_units(head), rows, atol=1e-5, rtol=1e-5)
 
 
+def test_a_patch_embedding_that_is_not_a_plain_conv_runs_as_it_is(model):
+    """The encoder computes the Conv3d patch embedding as one matrix product; another module
+    in its place (here a wrapper scaling its output) is called as the tower would call it."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * 0.5
+
+    visual = model.model.visual
+    pix, grid = pixels(IMAGES[:2])
+    original = visual.patch_embed
+    visual.patch_embed = Scaled(original)
+    try:
+        encoder = QwenDyMUEncoder(visual, [0] * len(visual.blocks))
+        with torch.no_grad():
+            expected = visual(pix, grid_thw=grid).pooler_output
+            got = expand_units(encoder(pix, grid))
+    finally:
+        visual.patch_embed = original
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("positions", ["keep", "unmerge"])
 def test_encoder_matches_naive_loop(model, positions):
     pix, grid = pixels([*IMAGES, (2, 4, 6)])

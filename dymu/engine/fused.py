@@ -186,9 +186,12 @@ class FusedStep:
         if self.failed or x.requires_grad or _get_current_dispatch_mode() is not None:
             return self.fn(*args)
         if self._compiled is None:
+            log.info("compiling the %s merge step (once per kind of batch)", self.fn.__name__)
             self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
         try:
             return self._compiled(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise  # the device's, not the compiler's: eager would not fit either
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             log.warning("the fused merge step did not compile (%s); merging eagerly", self.failed)

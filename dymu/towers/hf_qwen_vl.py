@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DyMUError
@@ -171,7 +172,7 @@ class QwenVisionTower(nn.Module):
         tower = self.tower
         grid = grid_thw.cpu()
         t, h, w = grid.numpy().T
-        x = tower.patch_embed(pixel_values.to(self.patch_weight.dtype))
+        x = self._patch_embed(pixel_values)
         if getattr(tower, "pos_embed", None) is not None:  # Qwen3-VL: learned, resampled
             x = x + self._learned_positions(grid).to(x.device, x.dtype)
         positions = get_vision_position_ids(grid, self.merge_size).to(x.device)
@@ -187,6 +188,26 @@ class QwenVisionTower(nn.Module):
         frame_ends = np.cumsum(frame_units)
         window_frame = np.searchsorted(frame_ends, np.cumsum(window_units), side="left")
         return Embedded(x, rope, window_units, window_frame, frame_units.tolist(), window_index)
+
+    def _patch_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's patch embedding as one matrix product. Its ``PatchEmbed`` (Qwen2-VL,
+        Qwen2.5-VL and Qwen3-VL alike, transformers 5.18-5.24) views each row as one whole
+        patch and applies a ``Conv3d`` whose kernel is its stride: a linear map of the row,
+        which a GEMM computes faster than the Conv3d path on a CPU (about 6 ms against 14
+        at 1444 patches, one thread). Any other embedding runs as it is."""
+        embed = self.tower.patch_embed
+        proj = getattr(embed, "proj", None)
+        plain = (
+            isinstance(proj, nn.Conv3d)
+            and proj.kernel_size == proj.stride
+            and proj.padding == (0, 0, 0)
+            and proj.groups == 1
+            and pixel_values.shape[-1] == proj.weight[0].numel()
+        )
+        if not plain:
+            return embed(pixel_values.to(next(embed.parameters()).dtype))
+        weight = proj.weight.flatten(1)  # (out, C * T * P * P): the row's own order
+        return F.linear(pixel_values.to(weight.dtype), weight, proj.bias)
 
     def _learned_positions(self, grid: torch.Tensor) -> torch.Tensor:
         """Qwen3-VL's learned position table resampled to every patch (unit order), as its
