@@ -23,7 +23,10 @@ def test_fused_threshold_merging_equals_the_naive_reference(encoder, pixels, cal
             out = encoder(pixels)
     finally:
         encoder.read_lag, encoder.fuse = None, None
-    assert encoder._fused.threshold.failed is None
+    assert all(
+        fused.steps_for(fused.StepConfig(1, False, False), w).threshold.failed is None
+        for w in (0, 1)
+    )
     xs, sizes, groups, _ = naive_encode(encoder.tower.visual, pixels, encoder.r, taus)
     assert out.lengths.tolist() == [x.shape[0] for x in xs]
     assert len(set(out.lengths.tolist())) > 1
@@ -31,6 +34,24 @@ def test_fused_threshold_merging_equals_the_naive_reference(encoder, pixels, cal
         assert torch.allclose(tokens, xs[b], atol=1e-4)
         assert out.sizes[b, : len(sizes[b])].tolist() == sizes[b]
         assert out.groups[b].tolist() == groups[b]
+
+
+def test_every_kind_of_batch_fits_within_dynamos_recompile_limit(encoder, pixels, calibrated):  # noqa: F811
+    """One image, images of one length, of different lengths, the first merge, odd and even
+    widths: compiled versions of each step stay within dynamo's limit (past it, dynamo would
+    quietly run the step eagerly)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    encoder.fuse = True
+    try:
+        with torch.no_grad():
+            for batch in (pixels[:1], pixels[1:2], pixels[:2], pixels, pixels[:1]):
+                encoder(batch)
+    finally:
+        encoder.fuse = None
+    steps = [fused.steps_for(fused.StepConfig(1, False, False), w).threshold for w in (0, 1)]
+    compiled = [len(_debug_get_cache_entry_list(s.fn.__code__)) for s in steps]
+    assert all(0 < n <= torch._dynamo.config.recompile_limit for n in compiled), compiled
 
 
 def test_fused_merging_on_a_tower_without_a_class_token(photos):
@@ -109,8 +130,8 @@ def test_running_out_of_memory_is_not_a_compiler_failure(monkeypatch):
 
 
 def test_an_encoder_that_ran_compiled_pickles_and_copies(encoder, pixels, calibrated):  # noqa: F811
-    """Its compiled steps travel as the functions they compile, its rules are made again
-    (``torch.save`` of the whole module, ``copy.deepcopy``), and it works after."""
+    """Its rules are made again after ``torch.save`` of the whole module or
+    ``copy.deepcopy``, and it runs compiled after as before."""
     import copy
     import io
 

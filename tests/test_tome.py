@@ -96,6 +96,15 @@ def test_fused_fixed_r_equals_tome_spelled_out(kind, pixels):
         lengths = torch.stack(state.block_lengths, 1).tolist()
     torch.testing.assert_close(feats, want_feats, atol=1e-5, rtol=1e-5)
     assert lengths == want_lengths and state.groups.tolist() == want_slots
+    # removed and applied again (a benchmark switching r), it compiles nothing new
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    dymu.remove_tome(model)
+    dymu.apply_tome(model, r=(10, -1.0), trace_source=True, fuse=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_features(pixels), feats)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("kind", ["cls", "deit", "reg4", "none"])

@@ -216,7 +216,7 @@ class DyMUEncoder(Fuses, nn.Module):
             lag = auto_lag(x.device) if self.read_lag is None else self.read_lag
         gaps = bool(packing.lengths) and min(host_lengths) < groups.shape[1]  # padded patches: -1
         tokens = Tokens(
-            x, packing, lengths, None, groups, lag, gaps=gaps, fuse=self._steps(x.device)
+            x, packing, lengths, None, groups, lag, gaps=gaps, fuse=self._fuses(x.device)
         )
         block_lengths = []
         for block in range(num_run):

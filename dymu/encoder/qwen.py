@@ -173,7 +173,7 @@ class QwenDyMUEncoder(Fuses, nn.Module):
             unit,
             groups=start.pad(constant(_positions(emb.window_units), device), -1).long(),
             lag=lag,
-            fuse=self._steps(device),
+            fuse=self._fuses(device),
         )
         features, memo = [], {}  # memo: this forward's packings and log sizes, made once
         for block in range(tower.num_blocks):

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
-from ..engine.fused import FusedSteps
 from ..engine.packing import Packing
 from ..engine.schedule import ToMeR, tome_schedule
 from ..errors import DyMUError
@@ -48,7 +47,6 @@ class ToMeState:
     trace_source: bool
     tower: TowerAdapter = field(repr=False)
     fuse: bool | None = None  # fixed-r merges run the compiled step (None: on CUDA)
-    _fused: FusedSteps = field(default_factory=FusedSteps, repr=False)
     lengths: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     block_lengths: list[torch.Tensor] = field(default_factory=list)
@@ -71,9 +69,8 @@ class ToMeState:
     def tokens(self, x: torch.Tensor) -> Tokens:
         """The padded ``x (B, L, D)`` a block receives, packed, with what the state knows."""
         fuse = x.device.type == "cuda" if self.fuse is None else self.fuse
-        steps = self._fused if fuse else None
         packed = self.packing.pack(x)
-        return Tokens(packed, self.packing, self.lengths, self._sizes, self.groups, fuse=steps)
+        return Tokens(packed, self.packing, self.lengths, self._sizes, self.groups, fuse=fuse)
 
     def after(self, tokens: Tokens) -> None:
         self.packing, self.lengths, self._sizes = tokens.packing, tokens.lengths, tokens.sizes

@@ -19,7 +19,7 @@ from ..thresholds import Thresholds
 from ..towers.base import TowerAdapter
 from .attention import attend, way
 from .deferred import PendingLengths, compact
-from .fused import FusedSteps, StepConfig
+from .fused import StepConfig, steps_for
 from .merge import (
     NEG_INF,
     Sides,
@@ -73,7 +73,7 @@ class Tokens:
     lag: int | None = None
     pending: tuple[PendingLengths, ...] = ()
     gaps: bool = False  # groups hold -1 (padded input patches)
-    fuse: FusedSteps | None = None  # the compiled merge steps to run (:mod:`.fused`), if any
+    fuse: bool = False  # merges run the compiled steps (:mod:`.fused`) where they can
 
 
 def run_block(
@@ -114,7 +114,7 @@ def run_block(
 def _fusable(tokens: Tokens, merging: Merging) -> bool:
     """Whether this merge runs a compiled step (asked for): a deferred threshold merge, or a
     fixed-r merge of images of one length."""
-    if tokens.fuse is None:
+    if not tokens.fuse:
         return False
     if merging.fixed_r is not None:
         return tokens.packing.uniform
@@ -132,12 +132,13 @@ def _merge_fused(
     state = (tokens.x, tokens.sizes, keys, tokens.groups, tokens.lengths)
     if merging.fixed_r is not None:
         r = min(merging.fixed_r, (width - prefix) // 2)  # the cap counts mergeable tokens
-        x, sizes, lengths, groups, _ = tokens.fuse.fixed(*state, bsz, width, r, config)
+        x, sizes, lengths, groups, _ = steps_for(config, width).fixed(*state, bsz, width, r, config)
         after = Packing.from_lengths([width - r] * bsz, x.device)
         return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
     tau = constant(np.asarray(merging.tau, dtype=np.float32), tokens.x.device)
     index = (None, None) if packing.uniform else (packing.batch, packing.pos)
-    x, sizes, lengths, groups, _ = tokens.fuse.threshold(*state, tau, *index, bsz, width, config)
+    step = steps_for(config, width).threshold
+    x, sizes, lengths, groups, _ = step(*state, tau, *index, bsz, width, config)
     pending = (*tokens.pending, PendingLengths.start(lengths, block))
     return replace(tokens, x=x, sizes=sizes, lengths=lengths, groups=groups, pending=pending)
 

@@ -27,10 +27,11 @@ traced into that model's graph.
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -169,13 +170,12 @@ class FusedStep:
     """A step function, compiled on first use (eager where that cannot be).
 
     It compiles its own copy of the function: dynamo keeps compiled versions, and its limit on
-    recompiling, per code object, so every owner compiles for its own kinds of call (its
-    tower's prefix and heads, one image or more) and none crowds out another's."""
+    recompiling, per code object, so each :func:`steps_for` entry compiles for its own kinds
+    of call and none crowds out another's."""
 
     def __init__(self, fn: Callable[..., Step]) -> None:
         code = fn.__code__.replace()  # equal, but an object of its own
         self.fn = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__)
-        self._source = fn
         self._compiled: Callable[..., Step] | None = None
         self.failed: str | None = None  # why compiling failed, once it has
 
@@ -197,30 +197,39 @@ class FusedStep:
             log.warning("the fused merge step did not compile (%s); merging eagerly", self.failed)
             return self.fn(*args)
 
-    def __reduce__(self) -> tuple:
-        """Pickled (a saved or copied model) as the function it compiles, recompiled after."""
-        return (FusedStep, (self._source,))
 
-
-@dataclass
+@dataclass(frozen=True)
 class FusedSteps:
-    """The compiled steps one encoder (or one patched model) merges with."""
+    """The compiled steps of one configuration (or, traced, the plain functions)."""
 
-    threshold: FusedStep = field(default_factory=lambda: FusedStep(threshold_step))
-    fixed: FusedStep = field(default_factory=lambda: FusedStep(fixed_step))
+    threshold: Callable[..., Step]
+    fixed: Callable[..., Step]
+
+
+def steps_for(config: StepConfig, width: int) -> FusedSteps:
+    """The compiled steps for towers of this configuration at padded views of ``width``'s
+    parity, made once per process: every encoder, patched model and re-applied patch of that
+    configuration reuses what was compiled (compiled code is a per-process resource, as
+    torch's own caches are). Odd and even widths (as many A as B tokens or one more) compile
+    apart anyway; kept in steps of their own, each stays within dynamo's limit of 8 kinds of
+    call (one image or more, one length or not, the first merge). Inside a model compiled as
+    a whole, the plain functions, traced into its graph."""
+    if torch.compiler.is_compiling():
+        return FusedSteps(threshold_step, fixed_step)
+    return _compiled_steps(config, width % 2)
+
+
+@functools.cache
+def _compiled_steps(config: StepConfig, parity: int) -> FusedSteps:
+    return FusedSteps(FusedStep(threshold_step), FusedStep(fixed_step))
 
 
 class Fuses:
     """For an encoder: ``fuse`` (``None``: on CUDA only) says whether its merges run the
-    compiled steps, which it owns (made when first asked for)."""
+    compiled steps."""
 
     fuse: bool | None = None
-    _fused: FusedSteps | None = None
 
-    def _steps(self, device: torch.device) -> FusedSteps | None:
-        """The compiled merge steps, where ``fuse`` asks for them on ``device``."""
-        if not (torch.device(device).type == "cuda" if self.fuse is None else self.fuse):
-            return None
-        if self._fused is None:
-            self._fused = FusedSteps()
-        return self._fused
+    def _fuses(self, device: torch.device) -> bool:
+        """Whether merges on ``device`` run compiled."""
+        return torch.device(device).type == "cuda" if self.fuse is None else self.fuse

@@ -20,7 +20,7 @@ import torch
 
 from .blocks import Merging
 from .deferred import PendingLengths, compact
-from .fused import FusedSteps, StepConfig
+from .fused import StepConfig, steps_for
 from .merge import (
     NEG_INF,
     Sides,
@@ -53,14 +53,14 @@ class Units:
     lag: int | None = None
     pending: tuple[PendingLengths, ...] = ()
     read: tuple[tuple[int, list[int]], ...] = ()  # (block, lengths) read so far
-    fuse: FusedSteps | None = None  # deferred threshold merges run the compiled step
+    fuse: bool = False  # deferred threshold merges run the compiled step
 
 
 def merge_units(state: Units, keys: torch.Tensor, merging: Merging, block: int) -> Units:
     """One merge inside every window: ``keys (U, unit, heads, d)``, each unit's patches' keys
     (the metric: their means over heads, side by side, in float32). The windows are packed
     again at once (``lag`` None or 0) or keep their dead units until read."""
-    if state.fuse is not None and state.lag is not None and merging.tau is not None:
+    if state.fuse and state.lag is not None and merging.tau is not None:
         return _merge_fused(state, keys, merging.tau, block)
     metric = keys.mean(2, dtype=torch.float32).flatten(1)
     windows, count = state.windows, metric.shape[0]
@@ -93,10 +93,11 @@ def _merge_fused(state: Units, keys: torch.Tensor, tau: float, block: int) -> Un
     as its tokens (their patches side by side), the rotary tables carried."""
     windows, count, dim = state.windows, keys.shape[0], state.x.shape[-1]
     index = (None, None) if windows.uniform else (windows.batch, windows.pos)
-    x, sizes, live, groups, rope = state.fuse.threshold(
+    config = StepConfig(0, False, True)
+    x, sizes, live, groups, rope = steps_for(config, windows.width).threshold(
         state.x.view(count, -1), state.sizes, keys, state.groups, state.live,
         constant(np.asarray(tau, dtype=np.float32), keys.device), *index,
-        len(windows.lengths), windows.width, StepConfig(0, False, True), state.rope.view(count, -1),
+        len(windows.lengths), windows.width, config, state.rope.view(count, -1),
     )  # fmt: skip
     rope = rope.view(-1, state.rope.shape[-1])
     state = replace(state, x=x.view(-1, dim), sizes=sizes, groups=groups, rope=rope, live=live)
