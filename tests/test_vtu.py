@@ -297,4 +297,9 @@ def test_the_plan_follows_its_layers_across_devices():
     plan = SlotPlan.build(torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]]))
     moved = plan.to("meta")
     assert moved.rows.device.type == "meta" and moved.mapping.device.type == "meta"
+    assert moved.scale.device.type == "meta"
     assert moved.total == plan.total == 5 and plan.rows.device.type == "cpu"
+    # each slot's mean, worked by hand: sample 0 slots {0, 1}, {2}, {3}; sample 1 {0}, {1, 2, 3}
+    x = torch.arange(8.0).view(2, 4, 1)
+    assert plan.pack(x).flatten().tolist() == [0.5, 2.0, 3.0, 4.0, 6.0]
+    assert plan.unpack(plan.pack(x)).flatten().tolist() == [0.5, 0.5, 2, 3, 4, 6, 6, 6]

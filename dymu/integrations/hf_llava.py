@@ -5,7 +5,8 @@
 ``apply(model, thresholds=...)`` patches the instance (``apply(model, r=...)``: ToMe's fixed
 ``r`` per block instead, every image at the same length, for comparisons at equal budget).
 Every crop and frame the model would feed its vision tower goes through the DyMU encoder
-over the tower's own weights, in one padded batch; the projector runs on the merged tokens.
+over the tower's own weights, in one padded batch; the projector runs on the merged tokens
+(each image's real ones, packed).
 Everything after the projector (AnyRes grids, unpadding, newline tokens, video pooling,
 anyres_max interpolation) is the model's own code, run on the merged features expanded to
 full grids, so the prompt keeps the unmodified model's layout and length. With ``vtu=True``
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from ..encoder.model import DyMUEncoder, EncoderOutput
+from ..engine.packing import Packing
 from ..engine.schedule import ToMeR, make_schedule, tome_schedule
 from ..errors import DyMUError
 from ..lm.layouts import marker_rows, place_keys, read_markers, slot_mapping
@@ -260,12 +262,22 @@ def _run_vision(
             width = vlm.config.text_config.hidden_size
             lengths = out.lengths if out.host_lengths is None else out.host_lengths
             return marker_rows(out.groups, lengths, width, *trace[1:])
-        return expand_groups(project(out.tokens), out.groups)
+        return expand_groups(_project_real_tokens(project, out), out.groups)
 
     with temporarily(vlm.vision_tower, "forward", tower_forward):
         with temporarily(projector, "forward", projector_forward):
             result = call_prior(vlm, method, **call)
     return result, record["out"]
+
+
+def _project_real_tokens(project, out: EncoderOutput) -> torch.Tensor:
+    """The projector on every image's real tokens only, packed (at batch 16 with kept counts
+    of 27 to 283, 1298 rows instead of 16 x 283), then padded again for the group gather."""
+    lengths = out.host_lengths
+    if lengths is None or len(set(lengths)) == 1:
+        return project(out.tokens)
+    packing = Packing.from_lengths(list(lengths), out.tokens.device)
+    return packing.pad(project(packing.pack(out.tokens)[None])[0])
 
 
 def _sequence_rows(features) -> torch.Tensor:
