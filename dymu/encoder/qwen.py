@@ -133,7 +133,7 @@ class QwenDyMUEncoder(Fuses, nn.Module):
         key = (self.thresholds, tuple(self.r))
         if self._rules is None or self._rules[0][0] is not key[0] or self._rules[0][1] != key[1]:
             self._rules = (key, threshold_merging(self.thresholds, self.r, False))  # made once
-        return self._run(emb, self._rules[1], deferred=True)
+        return self._run(emb, self._rules[1])
 
     def calibrate(
         self, inputs: Mapping | torch.Tensor, r: Sequence[int] | None = None
@@ -146,7 +146,6 @@ class QwenDyMUEncoder(Fuses, nn.Module):
             self.tower.embed(*_inputs(inputs, None)),
             found.merging,
             heads=False,  # thresholds need no DeepStack features
-            deferred=True,  # lengths read read_lag blocks after each merge, as at inference
         )
         return (out, *found.results(out.tokens.device))
 
@@ -155,16 +154,13 @@ class QwenDyMUEncoder(Fuses, nn.Module):
         emb: Embedded,
         merging: Sequence[Merging | None],
         heads: bool = True,
-        deferred: bool = False,
     ) -> EncoderOutput:
-        """The block loop over units in window order; merges keep to their windows
-        (``heads``: also run the DeepStack feature heads; ``deferred``: read new lengths
-        ``read_lag`` blocks later, :mod:`dymu.engine.units`)."""
+        """The block loop over units in window order; merges keep to their windows and read
+        their new lengths ``read_lag`` blocks later (:mod:`dymu.engine.units`; ``heads``: also
+        run the DeepStack feature heads)."""
         tower, unit, device = self.tower, self.tower.unit, emb.x.device
         start = Packing.from_lengths(emb.window_units, device)
-        lag = None
-        if deferred:
-            lag = auto_lag(device) if self.read_lag is None else self.read_lag
+        lag = auto_lag(device) if self.read_lag is None else self.read_lag
         state = Units(
             emb.x,
             emb.rope,

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..engine.blocks import Merging, Tokens, run_block, threshold_merging
+from ..engine.fused import fuses
 from ..engine.packing import Packing
 from ..engine.schedule import ToMeR, tome_schedule
 from ..errors import DyMUError
@@ -68,8 +69,8 @@ class ToMeState:
 
     def tokens(self, x: torch.Tensor) -> Tokens:
         """The padded ``x (B, L, D)`` a block receives, packed, with what the state knows."""
-        fuse = x.device.type == "cuda" if self.fuse is None else self.fuse
         packed = self.packing.pack(x)
+        fuse = fuses(self.fuse, x.device)
         return Tokens(packed, self.packing, self.lengths, self._sizes, self.groups, fuse=fuse)
 
     def after(self, tokens: Tokens) -> None:

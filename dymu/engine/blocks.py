@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
 from ..errors import DyMUError
@@ -19,7 +18,7 @@ from ..thresholds import Thresholds
 from ..towers.base import TowerAdapter
 from .attention import attend, way
 from .deferred import PendingLengths, compact
-from .fused import StepConfig, steps_for
+from .fused import StepConfig, steps_for, threshold_tensor
 from .merge import (
     NEG_INF,
     Sides,
@@ -36,7 +35,7 @@ from .merge import (
     track,
     with_sizes,
 )
-from .packing import Packing, constant
+from .packing import Packing
 
 # A rule decides, for one block, which A tokens merge: (node_max, lengths, n) -> mask (B, Na).
 Rule = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -135,7 +134,7 @@ def _merge_fused(
         x, sizes, lengths, groups, _ = steps_for(config, width).fixed(*state, bsz, width, r, config)
         after = Packing.from_lengths([width - r] * bsz, x.device)
         return replace(tokens, x=x, packing=after, lengths=lengths, sizes=sizes, groups=groups)
-    tau = constant(np.asarray(merging.tau, dtype=np.float32), tokens.x.device)
+    tau = threshold_tensor(merging.tau, tokens.x.device)
     index = (None, None) if packing.uniform else (packing.batch, packing.pos)
     step = steps_for(config, width).threshold
     x, sizes, lengths, groups, _ = step(*state, tau, *index, bsz, width, config)

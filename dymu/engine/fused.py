@@ -33,6 +33,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -49,6 +50,7 @@ from .merge import (
     track,
     with_sizes,
 )
+from .packing import constant
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +183,6 @@ class FusedStep:
 
     def __call__(self, *args: object) -> Step:
         x = args[0]
-        if torch.compiler.is_compiling():  # inside a compiled model: traced into its graph
-            return self.fn(*args)
         if self.failed or x.requires_grad or _get_current_dispatch_mode() is not None:
             return self.fn(*args)
         if self._compiled is None:
@@ -224,6 +224,17 @@ def _compiled_steps(config: StepConfig, parity: int) -> FusedSteps:
     return FusedSteps(FusedStep(threshold_step), FusedStep(fixed_step))
 
 
+def fuses(fuse: bool | None, device: torch.device | str) -> bool:
+    """Whether merges on ``device`` run compiled: ``fuse``, or (``None``) on CUDA only."""
+    return torch.device(device).type == "cuda" if fuse is None else fuse
+
+
+def threshold_tensor(tau: float, device: torch.device) -> torch.Tensor:
+    """A block's threshold as the 0-dim float32 tensor the threshold step takes (copied to
+    the device once per value)."""
+    return constant(np.asarray(tau, dtype=np.float32), device)
+
+
 class Fuses:
     """For an encoder: ``fuse`` (``None``: on CUDA only) says whether its merges run the
     compiled steps."""
@@ -232,4 +243,4 @@ class Fuses:
 
     def _fuses(self, device: torch.device) -> bool:
         """Whether merges on ``device`` run compiled."""
-        return torch.device(device).type == "cuda" if self.fuse is None else self.fuse
+        return fuses(self.fuse, device)

@@ -6,9 +6,9 @@ windows). The matching, rules and size-weighted merge are :mod:`.merge`'s, on th
 padded view with one row per unit (its patches side by side). Every unit also carries its
 patches' rotary table (``rope``): a merged unit keeps its destination's.
 
-New lengths are read as :mod:`.deferred` reads them: at once (``lag`` None: one host read per
-merge), or ``lag`` blocks later, the windows keeping their dead units (size 0, masked by the
-``log(size)`` bias) until then; every lag computes the same.
+New lengths are read as :mod:`.deferred` reads them: ``lag`` blocks after each merge (0: right
+after it), the windows keeping their dead units (size 0, masked by the ``log(size)`` bias)
+until then; every lag computes the same.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from .blocks import Merging
 from .deferred import PendingLengths, compact
-from .fused import StepConfig, steps_for
+from .fused import StepConfig, steps_for, threshold_tensor
 from .merge import (
     NEG_INF,
     Sides,
@@ -33,7 +33,7 @@ from .merge import (
     track,
     with_sizes,
 )
-from .packing import Packing, constant
+from .packing import Packing
 
 
 @dataclass
@@ -50,17 +50,17 @@ class Units:
     unit: int
     sizes: torch.Tensor | None = None
     groups: torch.Tensor | None = None
-    lag: int | None = None
+    lag: int = 0
     pending: tuple[PendingLengths, ...] = ()
     read: tuple[tuple[int, list[int]], ...] = ()  # (block, lengths) read so far
-    fuse: bool = False  # deferred threshold merges run the compiled step
+    fuse: bool = False  # threshold merges run the compiled step
 
 
 def merge_units(state: Units, keys: torch.Tensor, merging: Merging, block: int) -> Units:
     """One merge inside every window: ``keys (U, unit, heads, d)``, each unit's patches' keys
-    (the metric: their means over heads, side by side, in float32). The windows are packed
-    again at once (``lag`` None or 0) or keep their dead units until read."""
-    if state.fuse and state.lag is not None and merging.tau is not None:
+    (the metric: their means over heads, side by side, in float32). The windows keep their
+    dead units until their lengths are read (``lag`` blocks later; 0: right after)."""
+    if state.fuse and merging.tau is not None:
         return _merge_fused(state, keys, merging.tau, block)
     metric = keys.mean(2, dtype=torch.float32).flatten(1)
     windows, count = state.windows, metric.shape[0]
@@ -76,15 +76,11 @@ def merge_units(state: Units, keys: torch.Tensor, merging: Merging, block: int) 
     dest = destinations(order, windows.width, merged, node_idx, sides)
     groups = track(state.groups, dest, True)
     live = state.live - merged.sum(-1)
-    after = windows  # deferred: the same segments, dead units after the live ones
-    if state.lag is None:
-        after = Packing.from_lengths(live.tolist(), state.x.device)  # the host read
-    x, sizes = split_sizes(lay_out(xs, order, after), state.x.dtype)
-    rope = lay_out(windows.pad(state.rope.view(count, -1)), order, after)  # the destination's
+    # the same segments, dead units after the live ones
+    x, sizes = split_sizes(lay_out(xs, order, windows), state.x.dtype)
+    rope = lay_out(windows.pad(state.rope.view(count, -1)), order, windows)  # the destination's
     state = replace(state, x=x.view(-1, state.x.shape[-1]), sizes=sizes, groups=groups)
-    state = replace(state, rope=rope.view(-1, state.rope.shape[-1]), windows=after, live=live)
-    if state.lag is None:
-        return replace(state, read=(*state.read, (block, list(after.lengths))))
+    state = replace(state, rope=rope.view(-1, state.rope.shape[-1]), live=live)
     return replace(state, pending=(*state.pending, PendingLengths.start(live, block)))
 
 
@@ -96,7 +92,7 @@ def _merge_fused(state: Units, keys: torch.Tensor, tau: float, block: int) -> Un
     config = StepConfig(0, False, True)
     x, sizes, live, groups, rope = steps_for(config, windows.width).threshold(
         state.x.view(count, -1), state.sizes, keys, state.groups, state.live,
-        constant(np.asarray(tau, dtype=np.float32), keys.device), *index,
+        threshold_tensor(tau, keys.device), *index,
         len(windows.lengths), windows.width, config, state.rope.view(count, -1),
     )  # fmt: skip
     rope = rope.view(-1, state.rope.shape[-1])
