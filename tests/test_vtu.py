@@ -303,3 +303,74 @@ def test_the_plan_follows_its_layers_across_devices():
     x = torch.arange(8.0).view(2, 4, 1)
     assert plan.pack(x).flatten().tolist() == [0.5, 2.0, 3.0, 4.0, 6.0]
     assert plan.unpack(plan.pack(x)).flatten().tolist() == [0.5, 0.5, 2, 3, 4, 6, 6, 6]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_rope_rotated_on_the_slots_is_the_familys_rope(family, monkeypatch):
+    """The family's rotate_half runs on the packed slots (its apply_rotary_pos_emb is not
+    called in a VTU prefill): the same logits, bit for bit, as the family's rotary function
+    called at the full positions."""
+    import dymu.lm.vtu_attention as vtu_attention
+
+    model = build(family)
+    family_module = sys.modules[type(model.model.layers[0].self_attn).__module__]
+    assert vtu_attention.rotates_halves(family_module.__name__)
+    mapping, mask = skewed_batch(torch.Generator().manual_seed(8))
+    embeds = torch.randn(3, 40, 32)
+    apply_vtu(model)
+    calls = []
+    rope = family_module.apply_rotary_pos_emb
+    monkeypatch.setattr(
+        family_module, "apply_rotary_pos_emb", lambda *a, **k: calls.append(1) or rope(*a, **k)
+    )
+    with torch.no_grad():
+        on_slots = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
+        assert calls == []
+        monkeypatch.setattr(vtu_attention, "rotates_halves", lambda name: False)
+        at_positions = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping)
+    assert len(calls) == len(model.model.layers)
+    assert torch.equal(on_slots, at_positions.logits)
+
+
+def test_a_rotary_function_of_another_form_is_called_as_it_is():
+    """Only a family whose RoPE is x * cos + rotate_half(x) * sin gets the slot rotation:
+    an interleaved (GPT-J style) rotation, a family without rotate_half or a rotary
+    function of another signature keep their own, called at full positions."""
+    import types
+
+    from dymu.lm.vtu_attention import rotates_halves
+
+    def rotate_half(x):
+        return torch.cat((-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]), dim=-1)
+
+    def halves(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+
+        def turn(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+
+        return q * cos + turn(q) * sin, k * cos + turn(k) * sin
+
+    def sectioned(q, k, cos, sin, mrope_section):
+        raise AssertionError("never called with the probe's arguments")
+
+    cases = {
+        "halves": (halves, rotate_half, True),
+        "interleaved": (interleaved, rotate_half, False),
+        "no_rotate_half": (halves, None, False),
+        "sectioned": (sectioned, rotate_half, False),
+    }
+    for name, (rope, rotate, expected) in cases.items():
+        module = types.ModuleType(f"dymu_test_rope_{name}")
+        module.apply_rotary_pos_emb = rope
+        if rotate is not None:
+            module.rotate_half = rotate
+        sys.modules[module.__name__] = module
+        try:
+            assert rotates_halves(module.__name__) is expected, name
+        finally:
+            del sys.modules[module.__name__]

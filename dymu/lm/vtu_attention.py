@@ -10,6 +10,7 @@ under the argument name the installed version passes. It mirrors the forward of
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 
@@ -76,6 +77,42 @@ def _update_cache(attn: nn.Module, cache, key, value, cos_sin: tuple, kwargs: di
     return cache.update(key, value, attn.layer_idx, extra)
 
 
+@functools.cache
+def rotates_halves(family_name: str) -> bool:
+    """Whether the family's ``apply_rotary_pos_emb`` is ``x * cos + rotate_half(x) * sin``
+    (Llama, Mistral, Qwen2, Qwen2/2.5/3-VL's text models), checked once on a random probe.
+
+    Then RoPE commutes with the gather to full positions except for ``cos``/``sin``:
+    ``rotate_half`` runs on the ``S`` packed slots and only two products run at the ``B x N``
+    positions (:func:`_rotated_at_positions`). A family whose rotary function is anything
+    else gets it called as it is, at full positions.
+    """
+    family = sys.modules[family_name]
+    rotate = getattr(family, "rotate_half", None)
+    if rotate is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    cos, sin = (torch.randn(2, 5, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    try:
+        got = family.apply_rotary_pos_emb(q, k, cos, sin)
+    except Exception:  # another signature: call it as the family does, at full positions
+        return False
+    want = [x * cos[:, None] + rotate(x) * sin[:, None] for x in (q, k)]
+    return all(torch.allclose(g, w) for g, w in zip(got, want, strict=True))
+
+
+def _rotated_at_positions(
+    family, plan: SlotPlan, slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """``(S, heads, head_dim)`` slots -> ``(B, heads, N, head_dim)`` rotated at every full
+    position: ``unpack(x) * cos + unpack(rotate_half(x)) * sin``, the rotation of the halves
+    done on the slots (4 passes over the full positions where gathering first takes 6)."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B | 1, N, 1, head_dim)
+    rotated = plan.unpack(family.rotate_half(slots)).mul_(sin)
+    return plan.unpack(slots).mul_(cos).add_(rotated).transpose(1, 2)  # as rounded unfused
+
+
 def _attention_function(attn: nn.Module, family, registry):
     """The attention kernel the family's forward would use (``get_interface`` where the
     installed transformers has it, else its 5.0 rule: eager, or the registry's entry)."""
@@ -98,6 +135,8 @@ def vtu_attention_forward(
     ``hidden_states`` are the batch's packed slots ``(1, S, C)`` and ``vtu_mapping`` the
     forward's :class:`SlotPlan`: project the slots, gather q/k/v to the ``(B, N)`` full
     positions, RoPE, cache and attention there, then average the output back per slot.
+    Where the family's RoPE is the rotation of halves (:func:`rotates_halves`), its
+    ``rotate_half`` runs on the slots before the gather.
 
     The KV cache arrives under the name this transformers version uses (``cache`` or
     ``past_key_values``) and is passed on under the name the replaced forward takes.
@@ -122,15 +161,20 @@ def vtu_attention_forward(
     rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (S, C)
 
     def project(linear: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
-        x = linear(rows).view(plan.total, -1, self.head_dim)
-        if norm is not None:
-            x = norm(x)
+        x = linear(rows).view(plan.total, -1, self.head_dim)  # (S, heads, head_dim)
+        return x if norm is None else norm(x)
+
+    def full(x: torch.Tensor) -> torch.Tensor:
         return plan.unpack(x).transpose(1, 2)  # (B, heads, N, head_dim)
 
     query = project(self.q_proj, getattr(self, "q_norm", None))
     key = project(self.k_proj, getattr(self, "k_norm", None))
-    value = project(self.v_proj)
-    query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
+    value = full(project(self.v_proj))
+    if cos.dim() == 3 and cos.dtype == query.dtype and rotates_halves(family.__name__):
+        query = _rotated_at_positions(family, plan, query, cos, sin)
+        key = _rotated_at_positions(family, plan, key, cos, sin)
+    else:
+        query, key = family.apply_rotary_pos_emb(full(query), full(key), cos, sin)
     if cache is not None:
         key, value = _update_cache(self, cache, key, value, (cos, sin), kwargs)
     interface = _attention_function(self, family, ALL_ATTENTION_FUNCTIONS)
