@@ -1,6 +1,7 @@
 """The ways packed images of different lengths attend (dymu/attention.py) against attention
 written out image by image, and inside the encoder against each other."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY
@@ -70,12 +71,19 @@ def expected_calls(mode: str, lengths) -> list:
         return [("flex", None)]
     if len(set(lengths)) == 1:
         return [("sdpa", len(lengths))]
-    return [("sdpa", 1)] * len(lengths) if mode == "loop" else [(mode, None)]
+    if mode != "loop":
+        return [(mode, None)]
+    kinds = sorted(set(lengths))
+    if 2 * len(kinds) <= len(lengths):  # one batched call per length, shortest first
+        return [("sdpa", lengths.count(n)) for n in kinds]
+    return [("sdpa", 1)] * len(lengths)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("with_sizes", [True, False])
-@pytest.mark.parametrize("lengths", [(7, 20, 3, 12), (1, 65, 2), (5, 5, 5), (130, 17)])
+@pytest.mark.parametrize(
+    "lengths", [(7, 20, 3, 12), (1, 65, 2), (5, 5, 5), (130, 17), (7, 3, 7, 3, 12, 7)]
+)
 def test_every_way_equals_attention_by_hand(mode, with_sizes, lengths, ways):
     q, k, v, sizes, packing = packed(lengths)
     sizes = sizes if with_sizes else None
@@ -100,19 +108,26 @@ def test_bf16_packed_ways_agree_with_the_loop(mode, ways):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_dead_rows_are_masked_every_way(mode):
+@pytest.mark.parametrize("lengths", [(7, 12, 5), (7, 12, 7, 12)])
+def test_dead_rows_are_masked_every_way(mode, lengths):
     # rows of size 0 (merged away, removal deferred: log size -inf) are no keys at all:
     # the result on the live rows equals attention over the live rows alone
-    lengths = (7, 12, 5)
     q, k, v, sizes, packing = packed(lengths, seed=2)
     dead = torch.zeros(sum(lengths), dtype=torch.bool)
     dead[[5, 6, 15, 16, 17, 18]] = True  # the last rows of images 0 and 1
     sizes = sizes.masked_fill(dead, 0.0)
     out = attend(q, k, v, 4, packing, logs(sizes), mode)
-    live = (5, 8, 5)
+    live = (5, 8, *lengths[2:])
     expect = by_hand(q[~dead], k[~dead], v[~dead], 4, live, sizes[~dead])
     assert torch.isfinite(out).all()
     assert torch.allclose(out[~dead], expect, atol=1e-5)
+
+
+def test_the_loop_groups_images_by_length_in_a_hand_worked_order():
+    """Lengths (2, 1, 2): the image of length 1 (row 2) first, then images 0 and 2 in order
+    (rows 0, 1 and 3, 4)."""
+    assert attention._by_length(np.array([2, 1, 2])).tolist() == [2, 0, 1, 3, 4]
+    assert attention._by_length(np.array([3, 3])).tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_auto_takes_the_loop_on_a_cpu_and_the_padded_call_on_a_gpu(ways):

@@ -8,14 +8,14 @@ from dymu.engine.packing import Packing
 
 @pytest.mark.parametrize("trailing", [(), (4,), (3, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_pad_and_pack_equal_a_loop_over_images(trailing, dtype):
-    lengths = [3, 7, 1, 5]
+@pytest.mark.parametrize("lengths", [[3, 7, 1, 5], [3, 7, 1, 5] * 10])  # 40: by indexing
+def test_pad_and_pack_equal_a_loop_over_images(trailing, dtype, lengths):
     packing = Packing.from_lengths(lengths, torch.device("cpu"))
     packed = (torch.arange(sum(lengths) * max(1, torch.Size(trailing).numel())) + 1).to(dtype)
     packed = packed.view(sum(lengths), *trailing)
     fill = -5 if dtype == torch.int64 else float("-inf")
     padded = packing.pad(packed, fill)
-    assert padded.shape == (4, 7, *trailing) and padded.dtype == dtype
+    assert padded.shape == (len(lengths), 7, *trailing) and padded.dtype == dtype
     start = 0
     for b, n in enumerate(lengths):
         assert torch.equal(padded[b, :n], packed[start : start + n])

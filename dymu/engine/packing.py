@@ -20,6 +20,7 @@ _JAGGED = tuple(
     if hasattr(torch.ops.aten, name)
 )
 _JAGGED = _JAGGED if len(_JAGGED) == 2 else ()
+_CPU_JAGGED_MAX = 16  # images; past that, indexing pads and packs faster on a CPU
 
 
 @dataclass(frozen=True)
@@ -85,12 +86,19 @@ class Packing:
         """Every image has the same length: packing is a reshape."""
         return len(set(self.lengths)) == 1
 
+    def _jagged(self, x: torch.Tensor) -> bool:
+        """Whether torch's jagged kernels pad and pack ``x``: one launch on a GPU; on a CPU
+        they walk the images one by one (at 200 windows of a Qwen tower about 4x slower
+        than indexing), so there only for a few images."""
+        few = len(self.lengths) <= _CPU_JAGGED_MAX or x.device.type != "cpu"
+        return bool(_JAGGED) and few and not x.requires_grad
+
     def pad(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``(T, ...)`` -> ``(B, width, ...)`` with ``fill`` after each image's tokens."""
         shape = (len(self.lengths), self.width, *packed.shape[1:])
         if self.uniform:
             return packed.reshape(shape)
-        if _JAGGED and not packed.requires_grad:  # one kernel, on 2-d values as it requires
+        if self._jagged(packed):  # one kernel, on 2-d values as it requires
             values = packed.reshape(packed.shape[0], -1)
             return _JAGGED[0](values, [self.bounds], [self.width], fill).view(shape)
         out = packed.new_full(shape, fill)
@@ -101,7 +109,7 @@ class Packing:
         """``(B, width, ...)`` -> ``(T, ...)``: each image's real tokens (inverse of ``pad``)."""
         if self.uniform:
             return padded.reshape(-1, *padded.shape[2:])
-        if _JAGGED and not padded.requires_grad:  # one kernel, on a contiguous (B, W, F)
+        if self._jagged(padded):  # one kernel, on a contiguous (B, W, F)
             dense = padded.reshape(*padded.shape[:2], -1).contiguous()
             total = sum(self.lengths)
             return _JAGGED[1](dense, [self.bounds], total).view(total, *padded.shape[2:])
