@@ -24,10 +24,11 @@ Two parts, built from configs with random (seeded) weights, nothing downloaded:
   it stands.
 
 Images of different lengths attend the way ``attention="auto"`` takes on a GPU (one padded
-SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image. The
-encoder rows show threshold merging both ways: ``dymu`` merges eagerly (a CPU's default) and
-``dymu fused`` runs the compiled merge step (``dymu.engine.fused``, a GPU's default), and so
-do ``fixed-r`` and ``fixed-r fused``; the VLM and Qwen rows merge as on a GPU, compiled.
+SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image, and
+images are padded and packed by torch's jagged kernels, as on a GPU. The encoder rows show
+threshold merging both ways: ``dymu`` merges eagerly (a CPU's default) and ``dymu fused``
+runs the compiled merge step (``dymu.engine.fused``, a GPU's default), and so do
+``fixed-r`` and ``fixed-r fused``; the VLM and Qwen rows merge as on a GPU, compiled.
 Every variant runs one uncounted forward first (lazy set-up), then one counted forward, under
 ``torch.inference_mode``; what counts as an op, a host read and an upload is said in
 ``scripts/support/op_counter.py``.
@@ -67,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_encoder import DTYPES  # noqa: E402
 
 import dymu  # noqa: E402
+import dymu.engine.packing  # noqa: E402
 import dymu.integrations.hf_qwen_vl  # noqa: E402
 from dymu.engine.attention import auto_way  # noqa: E402
 from dymu.sources.stream import load_rgb, open_source  # noqa: E402
@@ -135,6 +137,19 @@ def quick_tower() -> Iterator[None]:
         path.write_text(json.dumps(QUICK_TOWER))
         open_clip.add_model_config(path)
         yield
+
+
+@contextmanager
+def gpu_padding(args: argparse.Namespace) -> Iterator[None]:
+    """Pads and packs images as on a GPU (torch's jagged kernels, one op each) also on a
+    CPU run, which indexes past a few images."""
+    before = dymu.engine.packing._CPU_JAGGED_MAX
+    if args.device == "cpu":
+        dymu.engine.packing._CPU_JAGGED_MAX = sys.maxsize
+    try:
+        yield
+    finally:
+        dymu.engine.packing._CPU_JAGGED_MAX = before
 
 
 def median_index(lengths: torch.Tensor) -> int:
@@ -343,7 +358,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = []
-    with quick_tower():
+    with quick_tower(), gpu_padding(args):
         if "encoder" in args.parts:
             rows += encoder_rows(args)
         if "vlm" in args.parts:
