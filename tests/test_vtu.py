@@ -326,7 +326,8 @@ def test_rope_rotated_on_the_slots_is_the_familys_rope(family, monkeypatch):
     with torch.no_grad():
         on_slots = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
         assert calls == []
-        monkeypatch.setattr(vtu_attention, "rotates_halves", lambda name: False)
+        for layer in model.model.layers:  # as for a family whose rotation is another
+            layer.self_attn.__dict__[vtu_attention.ROTATES_HALVES] = False
         at_positions = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping)
     assert len(calls) == len(model.model.layers)
     assert torch.equal(on_slots, at_positions.logits)
@@ -374,3 +375,17 @@ def test_a_rotary_function_of_another_form_is_called_as_it_is():
             assert rotates_halves(module.__name__) is expected, name
         finally:
             del sys.modules[module.__name__]
+
+
+def test_torch_compile_of_a_vtu_model_gives_the_same_logits():
+    """``torch.compile`` of a VTU-patched model (dynamo breaks its graph where the plan reads
+    the slot count) computes what eager mode does, the rotation on the slots included."""
+    model = build("llama")
+    apply_vtu(model)
+    mapping, mask = skewed_batch(torch.Generator().manual_seed(9))
+    embeds = torch.randn(3, 40, 32)
+    with torch.no_grad():
+        eager = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
+        compiled = torch.compile(model, backend="eager")
+        got = compiled(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
+    assert torch.allclose(got, eager, atol=1e-6)

@@ -26,8 +26,10 @@ from .slots import SlotPlan
 from .vtu_attention import (
     CACHE_ARG,
     CACHE_ARGUMENTS,
+    ROTATES_HALVES,
     cache_argument,
     check_attention,
+    rotates_halves,
     vtu_attention_forward,
 )
 
@@ -45,6 +47,8 @@ def apply_vtu(model: nn.Module) -> nn.Module:
         name = cache_argument(layer.self_attn)
         patch(layer.self_attn, "forward", vtu_attention_forward)
         layer.self_attn.__dict__[CACHE_ARG] = name
+        rotates = rotates_halves(type(layer.self_attn).__module__)  # probed once per family
+        layer.self_attn.__dict__[ROTATES_HALVES] = rotates
     handles = [
         base.register_forward_pre_hook(_plan_hook, with_kwargs=True),
         base.layers[0].register_forward_pre_hook(_compress_hook, with_kwargs=True),
@@ -96,6 +100,7 @@ def remove_vtu(model: nn.Module) -> nn.Module:
     for layer in base.layers:
         unpatch(layer.self_attn, "forward")
         layer.self_attn.__dict__.pop(CACHE_ARG, None)
+        layer.self_attn.__dict__.pop(ROTATES_HALVES, None)
     unpatch(model, "forward")
     return model
 

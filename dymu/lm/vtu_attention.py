@@ -22,6 +22,7 @@ from ..patching import call_prior
 from .slots import SlotPlan
 
 CACHE_ARG = "_dymu_vtu_cache_argument"
+ROTATES_HALVES = "_dymu_vtu_rotates_halves"  # set at apply: whether RoPE rotates on the slots
 # The attention's KV-cache argument: ``cache`` since transformers 5.2x, ``past_key_values``
 # in 5.0-5.1x (the model calls its attention with its own name), ``past_key_value`` before.
 CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value")
@@ -170,7 +171,7 @@ def vtu_attention_forward(
     query = project(self.q_proj, getattr(self, "q_norm", None))
     key = project(self.k_proj, getattr(self, "k_norm", None))
     value = full(project(self.v_proj))
-    if cos.dim() == 3 and cos.dtype == query.dtype and rotates_halves(family.__name__):
+    if cos.dim() == 3 and cos.dtype == query.dtype and self.__dict__.get(ROTATES_HALVES):
         query = _rotated_at_positions(family, plan, query, cos, sin)
         key = _rotated_at_positions(family, plan, key, cos, sin)
     else:
