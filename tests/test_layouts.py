@@ -25,6 +25,18 @@ def test_blends_newlines_and_padding_read_as_their_own():
     assert got.tolist() == [-1, 1, -1, -1]
 
 
+def test_a_row_off_the_tag_in_one_channel_reads_as_its_own():
+    """Every tag channel must read -1 (to 1e-4): one channel off, above or below, or a
+    NaN, and the row is no marker."""
+    rows = marker_rows(torch.tensor([[0, 1, 1]]), torch.tensor([2]), dim=10)[0]
+    off = rows[1].repeat(5, 1)  # token 1's marker, tag channels 2-9
+    off[0, 6] += 2e-4
+    off[1, 9] -= 2e-4
+    off[2, 7] = float("nan")
+    off[3, 8] += 5e-5  # within the tolerance: still its token
+    assert read_markers(off, num_keys=2).tolist() == [-1, -1, -1, 1, 1]
+
+
 def test_bilinear_pooling_keeps_only_windows_inside_one_token():
     groups = torch.tensor([[0, 0, 1, 2, 0, 0, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4]])  # a 4 x 4 grid
     rows = marker_rows(groups, torch.tensor([5]), dim=10)[0]

@@ -86,7 +86,9 @@ def read_markers(rows: torch.Tensor, num_keys: int) -> torch.Tensor:
     """
     digits = num_digits(max(num_keys, 1))
     rows = rows.float()
-    tagged = ((rows[..., 2 * digits :] - TAG).abs() < _TOL).all(-1)
+    # every tag channel within _TOL of TAG: its smallest and largest are, in one pass
+    low, high = torch.aminmax(rows[..., 2 * digits :], dim=-1)
+    tagged = (low > TAG - _TOL) & (high < TAG + _TOL)
     pairs = rows[..., : 2 * digits].unflatten(-1, (digits, 2))
     value, square = pairs[..., 0], pairs[..., 1]
     whole = value.round()
