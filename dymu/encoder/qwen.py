@@ -199,7 +199,10 @@ class QwenDyMUEncoder(Fuses, nn.Module):
         tower, unit, windows, sizes = self.tower, state.unit, state.windows, state.sizes
         if self.positions == "unmerge" and sizes is not None:
             rows = _patch_rows(state.groups, windows, start, unit)
-            return self._attend_unmerged(block, qkv, rows, emb, memo)
+            if memo.get("unmerged") is not sizes:  # each patch row's share of its group
+                share = sizes.float().clamp(min=1.0).reciprocal().repeat_interleave(unit)
+                memo["unmerged"], memo["share"] = sizes, share[:, None]
+            return self._attend_unmerged(block, qkv, rows, memo["share"], emb, memo)
         q, k, v = qkv
         qr, kr = tower.rotate(q, k, state.rope)
         seg = windows.lengths if tower.windowed[block] else _frames(windows.lengths, emb)
@@ -216,22 +219,25 @@ class QwenDyMUEncoder(Fuses, nn.Module):
         block: int,
         qkv: tuple[torch.Tensor, ...],
         rows: torch.Tensor,
+        share: torch.Tensor,
         emb: Embedded,
         memo: dict,
     ) -> torch.Tensor:
         """Attention with every merged unit unmerged to its original units (virtual
         unmerging inside the tower): q/k/v gathered to the original patches, rotated at their
         own positions, attended at full length (a key repeated over its group is what
-        ``log(size)`` stands for), and each group's outputs averaged back."""
+        ``log(size)`` stands for), and each group's outputs averaged back: summed into the
+        current rows and scaled by ``share`` (``(T, 1)``: one over the group's size, the
+        number of original patches that read a row; a dead row reads none and stays 0), as
+        VTU averages (``index_reduce_``'s mean counts the groups again at every call)."""
         tower, unit = self.tower, self.tower.unit
         q, k, v = (t.index_select(0, rows) for t in qkv)
         q, k = tower.rotate(q, k, emb.rope)
         seg = emb.window_units if tower.windowed[block] else emb.frame_units
         patches = _patches(memo, seg, unit, q.device)
         out = attend(q, k, v, tower.num_heads, patches, None, self.attention)
-        acc = out.new_empty(qkv[0].shape, dtype=torch.float32)
-        acc.index_reduce_(0, rows, out.float(), "mean", include_self=False)
-        return acc.to(out.dtype)
+        acc = out.new_zeros(qkv[0].shape, dtype=torch.float32).index_add_(0, rows, out.float())
+        return acc.mul_(share).to(out.dtype)
 
 
 def _patches(memo: dict, units: list[int], unit: int, device: torch.device) -> Packing:
