@@ -84,9 +84,9 @@ def rotates_halves(family_name: str) -> bool:
     (Llama, Mistral, Qwen2, Qwen2/2.5/3-VL's text models), checked once on a random probe.
 
     Then RoPE commutes with the gather to full positions except for ``cos``/``sin``:
-    ``rotate_half`` runs on the ``S`` packed slots and only two products run at the ``B x N``
-    positions (:func:`_rotated_at_positions`). A family whose rotary function is anything
-    else gets it called as it is, at full positions.
+    ``rotate_half`` runs on the ``S`` packed slots and only two products and a sum run at
+    the ``B x N`` positions (:func:`_rotated_at_positions`). A family whose rotary function
+    is anything else gets it called as it is, at full positions.
     """
     family = sys.modules[family_name]
     rotate = getattr(family, "rotate_half", None)
@@ -108,7 +108,9 @@ def _rotated_at_positions(
 ) -> torch.Tensor:
     """``(S, heads, head_dim)`` slots -> ``(B, heads, N, head_dim)`` rotated at every full
     position: ``unpack(x) * cos + unpack(rotate_half(x)) * sin``, the rotation of the halves
-    done on the slots (4 passes over the full positions where gathering first takes 6)."""
+    done on the slots. At the full positions: two gathers, two in-place products and a sum,
+    where the family's rotation after one gather adds two products, a negation, a
+    concatenation and a sum, each a new tensor."""
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (B | 1, N, 1, head_dim)
     rotated = plan.unpack(family.rotate_half(slots)).mul_(sin)
     return plan.unpack(slots).mul_(cos).add_(rotated).transpose(1, 2)  # as rounded unfused
