@@ -1,8 +1,9 @@
 """The attention of virtual token unmerging, and how it meets transformers' attention seams.
 
 :func:`vtu_attention_forward` replaces a decoder attention's ``forward`` on the instance
-(see :mod:`dymu.lm.vtu`). It follows the family's own pieces: its ``apply_rotary_pos_emb``,
-the attention kernel transformers' dispatch picks (``ALL_ATTENTION_FUNCTIONS``), the KV cache
+(see :mod:`dymu.lm.vtu`). It follows the family's own pieces: its ``apply_rotary_pos_emb``
+(or, where that is the rotation of halves, its ``rotate_half`` on the packed slots), the
+attention kernel transformers' dispatch picks (``ALL_ATTENTION_FUNCTIONS``), the KV cache
 under the argument name the installed version passes. It mirrors the forward of
 ``LlamaAttention`` in transformers 5.18-5.24 (Mistral and Qwen2 share it; ``q_norm``/
 ``k_norm`` where a family has them).
