@@ -16,8 +16,8 @@ import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from . import _moved
+from ._version import __version__
 
-__version__ = "0.1.0"
 _moved.install()
 
 # public name -> the submodule defining it

@@ -17,14 +17,14 @@ the bundled photos (``--b1-image`` picks another). Larger batches take the photo
 order, cycled to fill the batch.
 
 The FLOP bound is vanilla FLOPs / dymu FLOPs at the measured per-block token counts, per
-image (qkv ``2nD*3D``, out projection ``2nD^2``, attention ``4n^2D`` at the attention's n, MLP
-``4nD*mlp`` at the post-merge n, patch embedding identical for both), dymu FLOPs averaged
-over the batch's images. ``pad bound`` is the same at the batch's padded length: what an
-implementation that pads every image to the longest would be limited to (dymu packs tokens,
-so it is not). ``ratio`` = speedup / bound; targets: >= 0.85 at batch 1, >= 0.75 at larger
-batches. ``no-merge ms`` times dymu's own block loop with merging off, so ``vs no-merge``
-shows the gain of merging alone, apart from the attention kernel (open_clip's
-``nn.MultiheadAttention`` path vs ``scaled_dot_product_attention``).
+image (``support/flops.py``: qkv ``2nD*3D``, out projection ``2nD^2``, attention ``4n^2D``
+at the attention's n, MLP ``4nD*mlp`` at the post-merge n, patch embedding identical for
+both), dymu FLOPs averaged over the batch's images. ``pad bound`` is the same at the batch's
+padded length: what an implementation that pads every image to the longest would be limited
+to (dymu packs tokens, so it is not). ``ratio`` = speedup / bound; targets: >= 0.85 at batch
+1, >= 0.75 at larger batches. ``no-merge ms`` times dymu's own block loop with merging off,
+so ``vs no-merge`` shows the gain of merging alone, apart from the attention kernel
+(open_clip's ``nn.MultiheadAttention`` path vs ``scaled_dot_product_attention``).
 
 ``--fuse`` says whether merges run the compiled merge step (``dymu.engine.fused``): ``auto``
 (the encoder's default: on CUDA only), ``on``, ``off``, or ``both``: the table's dymu runs
@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from support import flops
 
 import dymu
 from dymu.engine.attention import ATTENTION_MODES
@@ -127,38 +128,17 @@ class Row:
         return TARGETS.get(self.batch, TARGET_OTHER)
 
 
-def tower_dims(enc: dymu.DyMUEncoder) -> tuple[int, int, int, int]:
-    """(width D, MLP width, tokens entering block 0, patch-embedding FLOPs per image)."""
-    tower = enc.tower
-    patch_flops = 2 * tower.num_patches * 3 * tower.patch_size**2 * tower.width
-    return tower.width, tower.mlp_width, tower.num_tokens, patch_flops
-
-
-def block_flops(n_attn: float, n_mlp: float, dim: int, mlp_width: int) -> float:
-    qkv = 2 * n_attn * dim * 3 * dim
-    out = 2 * n_attn * dim * dim
-    attn = 2 * 2 * n_attn * n_attn * dim
-    mlp = 2 * 2 * n_mlp * dim * mlp_width
-    return qkv + out + attn + mlp
-
-
-def image_flops(counts: list[float], n0: int, dim: int, mlp_width: int, patch: int) -> float:
-    """FLOPs of one image whose token count after block l is ``counts[l]``."""
-    total = float(patch)
-    n_in = n0
-    for n_out in counts:
-        total += block_flops(n_in, n_out, dim, mlp_width)
-        n_in = n_out
-    return total
-
-
 def flop_bounds(enc: dymu.DyMUEncoder, block_lengths: torch.Tensor) -> tuple[float, float]:
     """(bound at per-image counts, bound at the batch's padded counts)."""
-    dim, mlp_width, n0, patch = tower_dims(enc)
+    dim, mlp_width, n0, patch = flops.vit_dims(enc.tower)
     blocks = block_lengths.shape[1]
-    vanilla = image_flops([n0] * blocks, n0, dim, mlp_width, patch)
-    per_image = [image_flops(row, n0, dim, mlp_width, patch) for row in block_lengths.tolist()]
-    padded = image_flops(block_lengths.max(0).values.tolist(), n0, dim, mlp_width, patch)
+
+    def image(counts: list[int]) -> float:
+        return flops.vit_image(counts, n0, dim, mlp_width, patch)
+
+    vanilla = image([n0] * blocks)
+    per_image = [image(row) for row in block_lengths.tolist()]
+    padded = image(block_lengths.max(0).values.tolist())
     return vanilla / statistics.fmean(per_image), vanilla / padded
 
 

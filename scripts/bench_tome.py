@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from bench_encoder import image_flops, plot, time_interleaved
+from bench_encoder import plot, time_interleaved
+from support import flops
 
 import dymu
 
@@ -126,9 +127,8 @@ def bench(
     ref = theirs(model) if own else None
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     tower = dymu.build_encoder(model).tower  # the tower's shape, for FLOP counts
-    width, mlp_width, n0 = tower.width, tower.mlp_width, tower.num_tokens
-    patch = 2 * tower.num_patches * 3 * tower.patch_size**2 * tower.width
-    vanilla_flops = image_flops([n0] * tower.num_blocks, n0, width, mlp_width, patch)
+    width, mlp_width, n0, patch = flops.vit_dims(tower)
+    vanilla_flops = flops.vit_image([n0] * tower.num_blocks, n0, width, mlp_width, patch)
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, size, size).to(device, dtype)
@@ -152,7 +152,7 @@ def bench(
                 dymu.apply_tome(model, r=r)
                 call(x[:1])
                 counts = [int(v[0]) for v in model.dymu_tome.block_lengths]
-                bound = vanilla_flops / image_flops(counts, n0, width, mlp_width, patch)
+                bound = vanilla_flops / flops.vit_image(counts, n0, width, mlp_width, patch)
                 rows.append(Row(name, batch, r, ms["vanilla"], ms[f"r{r}"], bound, counts[-1],
                                 ms.get(f"tome r{r}")))  # fmt: skip
         dymu.remove_tome(model)

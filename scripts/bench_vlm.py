@@ -42,13 +42,13 @@ batch 1, 5 above), under ``torch.inference_mode``, timed:
   ``T = --new-tokens``; tokens/s = batch x T / time (prefill included).
 
 ``bound`` = vanilla prefill FLOPs / dymu prefill FLOPs (per sequence, dymu's averaged over
-the batch): the vision tower as ``bench_encoder.image_flops`` counts it (vanilla runs all its
-layers, as transformers does, and keeps hidden state -2; dymu runs all but the last, at the
-measured per-block token counts), the projector ``2n(Dv*Dt + Dt*Dt)`` at 576 or the kept count, and
-the LM as ``bench_vtu.count_flops`` counts it (projections, MLP, causal attention, the head
-for the last position): vanilla and no-VTU at the full length N everywhere, VTU with
-projections and MLP at M slots (text tokens plus kept visual tokens) and attention at N.
-Norms, softmax, the patch-to-slot bookkeeping and the decode steps are not counted.
+the batch; ``support/flops.py``): the vision tower as ``flops.vit_image`` counts it (vanilla
+runs all its layers, as transformers does, and keeps hidden state -2; dymu runs all but the
+last, at the measured per-block token counts), the projector ``2n(Dv*Dt + Dt*Dt)`` at 576 or
+the kept count, and the LM as ``flops.lm`` counts it (projections, MLP, causal attention,
+the head for the last position): vanilla and no-VTU at the full length N everywhere, VTU
+with projections and MLP at M slots (text tokens plus kept visual tokens) and attention at
+N. Norms, softmax, the patch-to-slot bookkeeping and the decode steps are not counted.
 ``pad bound`` is the same with every sequence at the batch's most kept tokens: what a batch
 would cost padded to its longest M (the VTU language model packs its slots across the batch
 and the tower its tokens, so only the small projector pads; the FLOP bound is the target).
@@ -73,11 +73,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from bench_encoder import image_flops, plot, time_interleaved, tower_dims
-from bench_vtu import count_flops
+from bench_encoder import plot, time_interleaved
+from support import flops
 from torch import nn
 from transformers import LlavaProcessor
 
@@ -276,45 +275,37 @@ def prefill_flops(
     """Prefill FLOPs per sequence of each variant: (mean over the batch, at the batch's
     padded length) (see the docstring)."""
     cfg = model.config
-    dim, mlp_width, n0, patch = tower_dims(enc)
+    dim, mlp_width, n0, patch = flops.vit_dims(enc.tower)
     prefix = enc.tower.num_prefix_tokens
     patches = n0 - prefix
     layers = cfg.vision_config.num_hidden_layers  # transformers runs them all
-    text = cfg.text_config
-    lm = SimpleNamespace(
-        hidden=text.hidden_size,
-        intermediate=text.intermediate_size,
-        vocab=text.vocab_size,
-        heads=text.num_attention_heads,
-        kv_heads=text.num_key_value_heads,
-        layers=text.num_hidden_layers,
-        last_logits=True,
-    )
-    dv, dt = cfg.vision_config.hidden_size, text.hidden_size
+    lm = flops.lm_shape(cfg.text_config)
+    dv, dt = cfg.vision_config.hidden_size, lm.hidden
+
+    def image(counts: list[int]) -> float:
+        return flops.vit_image(counts, n0, dim, mlp_width, patch)
 
     def projector(n: float) -> float:
         return 2 * n * (dv * dt + dt * dt)
 
-    def flops(kept: float, slots: float) -> float:  # projector and LM
-        return projector(kept) + count_flops(lm, n_full, slots, n_full)
+    def text(kept: float, slots: float) -> float:  # projector and LM
+        return projector(kept) + flops.lm(lm, n_full, slots, n_full)
 
-    full = count_flops(lm, n_full, n_full, n_full)
-    vanilla = image_flops([n0] * layers, n0, dim, mlp_width, patch) + projector(patches) + full
+    vanilla = image([n0] * layers) + text(patches, n_full)
     kept = out.lengths.tolist()
     vision = statistics.fmean(  # the tower packs its tokens: per image, no padding
-        image_flops([c + prefix for c in counts], n0, dim, mlp_width, patch)
-        for counts in out.block_lengths.tolist()
+        image([c + prefix for c in counts]) for counts in out.block_lengths.tolist()
     )
     n_text, most = n_full - patches, max(kept)
     return {
         "vanilla": (vanilla, vanilla),
         "dymu+VTU": (
-            vision + statistics.fmean(flops(k, n_text + k) for k in kept),
-            vision + flops(most, n_text + most),
+            vision + statistics.fmean(text(k, n_text + k) for k in kept),
+            vision + text(most, n_text + most),
         ),
         "dymu no-VTU": (
-            vision + statistics.fmean(flops(k, n_full) for k in kept),
-            vision + flops(most, n_full),
+            vision + statistics.fmean(text(k, n_full) for k in kept),
+            vision + text(most, n_full),
         ),
     }
 
@@ -406,13 +397,13 @@ def bench_batch(
     for name in list(models)[1:]:
         sim = cos(logits["vanilla"], logits[name], dim=-1)
         print(f"  b{bsz} first-token logits, vanilla vs {name}: cosine mean {sim.mean():.4f}")
-    flops = prefill_flops(models["vanilla"], enc, out, n_full)
+    costs = prefill_flops(models["vanilla"], enc, out, n_full)
     tokens = out.lengths.tolist()
     rows: list[Row] = []
     for name in models:
         rows.append(
             Row(name, bsz, tokens, n_full, ms[f"prefill {name}"], ms[f"generate {name}"],
-                *flops[name], rows[0] if rows else None)
+                *costs[name], rows[0] if rows else None)
         )  # fmt: skip
     rows[0].tokens = [enc.tower.num_tokens - enc.tower.num_prefix_tokens] * bsz
     return rows

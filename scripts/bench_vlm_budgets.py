@@ -14,7 +14,7 @@ measures the whole model).
 Per budget and ``--batch-sizes`` (default 1 16 64 on CUDA, 1 16 on CPU), interleaved in one
 run (medians): prefill = time to first token (``lm(inputs_embeds, vtu_mapping,
 use_cache=True, logits_to_keep=1)``), its speedup and the FLOP bound (vanilla over VTU LM
-FLOPs, ``bench_vtu.count_flops``: projections and MLP at the M slots, attention at N, the head
+FLOPs, ``support/flops.py``: projections and MLP at the M slots, attention at N, the head
 once), and greedy ``generate()`` tokens/s over ``--new-tokens`` (prefill included).
 Targets on a GPU (issue 20, low budget): prefill at least 1.5x at batch 1 and 2.5x at batch
 16; generate at least 1.0x and 1.2x.
@@ -32,7 +32,6 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -40,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 from bench_encoder import DTYPES  # noqa: E402
 from bench_vlm import SHAPES  # noqa: E402
-from bench_vtu import count_flops, interleave, timed  # noqa: E402
+from bench_vtu import interleave, timed  # noqa: E402
+from support import flops  # noqa: E402
 
 import dymu  # noqa: E402
 
@@ -100,14 +100,9 @@ def mapping_for(kept: list[int]) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def lm_flops(args: argparse.Namespace, lm: torch.nn.Module, n_lin: int) -> float:
-    c = lm.config
-    shape = SimpleNamespace(
-        hidden=c.hidden_size, intermediate=c.intermediate_size, vocab=c.vocab_size,
-        kv_heads=c.num_key_value_heads, heads=c.num_attention_heads,
-        layers=c.num_hidden_layers, last_logits=True,
-    )  # fmt: skip
-    return count_flops(shape, BEFORE + PATCHES + AFTER, n_lin, BEFORE + PATCHES + AFTER)
+def lm_flops(lm: torch.nn.Module, n_lin: int) -> float:
+    n = BEFORE + PATCHES + AFTER
+    return flops.lm(flops.lm_shape(lm.config), n, n_lin, n)
 
 
 def run_row(args, lm, budget: str, bsz: int, gen: torch.Generator) -> dict:
@@ -136,7 +131,7 @@ def run_row(args, lm, budget: str, bsz: int, gen: torch.Generator) -> dict:
         runs = {"vanilla": generate(False), "vtu": generate(True)}
         gen_ms = {k: statistics.median(timed(f) for _ in range(reps)) for k, f in runs.items()}
     slots = [BEFORE + k + AFTER for k in kept]
-    bound = lm_flops(args, lm, n) / statistics.fmean(lm_flops(args, lm, m) for m in slots)
+    bound = lm_flops(lm, n) / statistics.fmean(lm_flops(lm, m) for m in slots)
     tps = {k: bsz * args.new_tokens / (ms / 1e3) for k, ms in gen_ms.items()}
     return dict(
         budget=budget, batch=bsz, kept=statistics.fmean(kept), low=min(kept), high=max(kept),

@@ -23,12 +23,13 @@ never-merge copy, whose first-token logits must equal vanilla's. Interleaved in 
 (medians of ``--reps``): prefill (``model(**inputs, use_cache=True, logits_to_keep=1)``: time
 to first token, tower included) and greedy ``generate()`` of ``--new-tokens`` tokens.
 
-``bound`` = vanilla prefill FLOPs / dymu's (per sequence, averaged over the batch): the tower
-(projections and MLP per block at the block's tokens, attention over each frame or window,
-dymu's windows taken at the frame's kept share; the patch merger), and the LM as
-``bench_vtu.count_flops`` counts it (VTU: projections and MLP at the M slots, attention at
-N). Targets (issue 21, on an H100 at batch 1 and 16, low budget): prefill at least 2x, generate
-at least 1.0x; on CPU the scaled-down shape at 0.8 of the FLOP bound.
+``bound`` = vanilla prefill FLOPs / dymu's (per sequence, averaged over the batch;
+``support/flops.py``): the tower (the patch embedding, projections and MLP per block at the
+block's tokens, attention over each frame or window, dymu's windows taken at the frame's
+kept share; the patch merger), and the LM as ``flops.lm`` counts it (VTU: projections and
+MLP at the M slots, attention at N). Targets (issue 21, on an H100 at batch 1 and 16, low
+budget): prefill at least 2x, generate at least 1.0x; on CPU the scaled-down shape at 0.8 of
+the FLOP bound.
 
 Run from the repository root::
 
@@ -45,11 +46,10 @@ import logging
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from bench_encoder import time_interleaved
-from bench_vtu import count_flops
+from support import flops
 from torch import nn
 
 import dymu
@@ -185,51 +185,17 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def tower_flops(model: nn.Module, out: EncoderOutput | None, grid: tuple[int, int, int]) -> float:
-    """One frame's tower FLOPs: vanilla (``out`` None) or at dymu's per-block unit counts."""
-    v = model.config.vision_config
-    d, i, blocks = v.hidden_size, v.intermediate_size, v.depth
-    _, h, w = grid
-    units0 = h * w // 4
-    side = v.window_size // 28  # units per window side
-    windows = [  # units per window, vanilla
-        min(side, h // 2 - r) * min(side, w // 2 - c)
-        for r in range(0, h // 2, side)
-        for c in range(0, w // 2, side)
-    ]
-    kept = [units0] * (blocks + 1) if out is None else [units0, *out.block_lengths[0].tolist()]
-    total = 0.0
-    for b in range(blocks):
-        share = kept[b] / units0
-        before, after = 4 * kept[b], 4 * kept[b + 1]  # patches into attention, into the MLP
-        total += 2 * before * 4 * d * d + 2 * after * 3 * d * i
-        if b in v.fullatt_block_indexes:
-            total += 4 * before * before * d
-        else:
-            total += sum(4 * (4 * n * share) ** 2 * d for n in windows)
-    merged = kept[-1]
-    return total + 2 * merged * (16 * d * d + 4 * d * v.out_hidden_size)
-
-
 def prefill_flops(model: nn.Module, out: EncoderOutput | None, n_full: int, grid) -> float:
     """Mean prefill FLOPs per sequence: tower, then LM (VTU: M slots, attention at N)."""
-    t = model.config.text_config
-    lm = SimpleNamespace(
-        hidden=t.hidden_size, intermediate=t.intermediate_size, vocab=t.vocab_size,
-        heads=t.num_attention_heads, kv_heads=t.num_key_value_heads,
-        layers=t.num_hidden_layers, last_logits=True,
-    )  # fmt: skip
+    vision, lm = model.config.vision_config, flops.lm_shape(model.config.text_config)
     if out is None:
-        return tower_flops(model, None, grid) + count_flops(lm, n_full, n_full, n_full)
-    flops = []
-    units0 = grid[1] * grid[2] // 4
-    for f, kept in enumerate(out.host_lengths):
-        frame = EncoderOutput(*(getattr(out, k)[f : f + 1] for k in ("tokens", "lengths")),
-                              out.sizes[f : f + 1], out.groups[f : f + 1], None,
-                              out.block_lengths[f : f + 1])  # fmt: skip
-        n_lin = n_full - units0 + kept
-        flops.append(tower_flops(model, frame, grid) + count_flops(lm, n_full, n_lin, n_full))
-    return statistics.fmean(flops)
+        return flops.qwen_tower(vision, grid, None) + flops.lm(lm, n_full, n_full, n_full)
+    units0 = grid[1] * grid[2] // vision.spatial_merge_size**2
+    per_frame = [  # VTU: the frame's kept units are its slots
+        flops.qwen_tower(vision, grid, counts) + flops.lm(lm, n_full, n_full - units0 + k, n_full)
+        for k, counts in zip(out.host_lengths, out.block_lengths.tolist(), strict=True)
+    ]
+    return statistics.fmean(per_frame)
 
 
 def never(thresholds: dymu.Thresholds) -> dymu.Thresholds:
@@ -276,9 +242,9 @@ def bench_batch(models: dict, encoders: dict, images: list[dict], args) -> list[
     for name in models:
         out = outs.get(name)
         kept = list(out.host_lengths) if out is not None else [grid[1] * grid[2] // 4] * len(images)
-        flops = prefill_flops(models[name], out, n_full, grid)
+        cost = prefill_flops(models[name], out, n_full, grid)
         rows.append(dict(model=name, batch=len(images), kept=kept, prefill=ms[f"prefill {name}"],
-                         generate=ms[f"generate {name}"], flops=flops))  # fmt: skip
+                         generate=ms[f"generate {name}"], flops=cost))  # fmt: skip
     return rows
 
 

@@ -22,12 +22,12 @@ reps first, then the two alternating with the order flipped every rep; medians):
 * ``vtu``: ``lm(inputs_embeds=embeds, vtu_mapping=mapping)``: norms, projections and MLPs at M
   slots, attention at the N full positions, logits at N.
 
-``bound`` = full FLOPs / VTU FLOPs, counted per layer as q/k/v/o projections ``2nD*D`` (q, o)
-and ``2nD*Dkv`` (k, v; Dkv = kv heads x head dim), Llama's 3-matrix MLP ``3 * 2nD*I`` and
-causal attention (scores + AV, half the square) ``2N^2*D``, plus the lm_head ``2N*D*V``.
-Full uses n = N everywhere; VTU uses n = M for projections and MLP but N for attention and
-the lm_head. Norms, RoPE, softmax, gathers and scatters are not counted. ``ratio`` =
-speedup / bound; target >= 0.8.
+``bound`` = full FLOPs / VTU FLOPs (``support/flops.py``), counted per layer as q/k/v/o
+projections ``2nD*D`` (q, o) and ``2nD*Dkv`` (k, v; Dkv = kv heads x head dim), Llama's
+3-matrix MLP ``3 * 2nD*I`` and causal attention (scores + AV, half the square) ``2N^2*D``,
+plus the lm_head ``2N*D*V``. Full uses n = N everywhere; VTU uses n = M for projections and
+MLP but N for attention and the lm_head. Norms, RoPE, softmax, gathers and scatters are not
+counted. ``ratio`` = speedup / bound; target >= 0.8.
 
 Decode: after a prefill with ``use_cache=True`` (full and VTU each; the VTU cache holds
 full-length keys/values), one next-token forward (one new embedding, input length 1) with
@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from support import flops
 
 import dymu
 
@@ -187,16 +188,6 @@ def build_mapping(args: argparse.Namespace, gen: torch.Generator) -> torch.Tenso
     from dymu.lm.layouts import slot_mapping
 
     return slot_mapping(build_keys(args, gen)[None])
-
-
-def count_flops(args: argparse.Namespace, n_attn: int, n_lin: int, n_full: int) -> float:
-    d, i, v = args.hidden, args.intermediate, args.vocab
-    d_kv = args.kv_heads * (d // args.heads)
-    proj = 2 * n_lin * d * (2 * d + 2 * d_kv)
-    mlp = 3 * 2 * n_lin * d * i
-    attn = 2 * n_attn * n_attn * d  # causal: (2N^2 D scores + 2N^2 D AV) / 2
-    head = 2 * (1 if args.last_logits else n_full) * d * v
-    return args.layers * (proj + mlp + attn) + head
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -326,8 +317,8 @@ def main() -> None:
                 }
             )
 
-    full_flops = count_flops(args, n_full, n_full, n_full)
-    vtu_flops = count_flops(args, n_full, n_slots, n_full)
+    full_flops = flops.lm(args, n_full, n_full, n_full)
+    vtu_flops = flops.lm(args, n_full, n_slots, n_full)
     bound = full_flops / vtu_flops
     speedup = prefill["full"] / prefill["vtu"]
     ratio = speedup / bound

@@ -23,8 +23,8 @@ STAGES = [
     "integrations",
     "cli",
 ]
-# dymu/__init__.py is the public API: it names every stage (lazily) and is above them all;
-# a lower module may read ``__version__`` from it. _moved maps old paths to new ones.
+# dymu/__init__.py is the public API: it names every stage (lazily) and is above them all
+# (``__version__`` lives on the ground, in _version). _moved maps old paths to new ones.
 ABOVE_ALL = {"dymu", "dymu._moved"}
 
 
@@ -84,6 +84,11 @@ def test_every_module_belongs_to_a_declared_stage():
 def test_no_stage_imports_a_higher_one(module):
     upward = [t for t in GRAPH[module] if t not in ABOVE_ALL and stage(t) > stage(module)]
     assert not upward, f"{module} ({STAGES[stage(module)]}) imports higher stages: {upward}"
+
+
+def test_nothing_below_the_public_api_imports_it():
+    importers = sorted(m for m, targets in GRAPH.items() if "dymu" in targets and m != "dymu")
+    assert not importers, f"import the package root, which sits above every stage: {importers}"
 
 
 def test_no_import_loops():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..encoder.model import DyMUEncoder, EncoderOutput
 from ..engine.schedule import make_schedule
 from ..thresholds import Thresholds

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .. import __version__
+from .._version import __version__
 from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from ..engine.schedule import SCHEDULES, canonical_schedule
 from ..errors import DyMUError

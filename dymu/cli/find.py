@@ -321,7 +321,7 @@ def convert_parser() -> argparse.ArgumentParser:
 
 
 def convert(args: argparse.Namespace) -> None:
-    from .. import __version__
+    from .._version import __version__
     from ..encoder.names import resolve_name
     from ..engine.schedule import make_schedule
     from ..outputs import check_output

@@ -19,6 +19,8 @@ dymu.integrations.llava llava.eval.model_vqa ARGS`` runs one of LLaVA's scripts 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import runpy
 import sys
 from types import SimpleNamespace
@@ -336,16 +338,25 @@ def _forward(
         input_ids = None
     if vtu_mapping is not None:
         kwargs["vtu_mapping"] = vtu_mapping
+    if past_key_values is not None:  # a caller's own ``cache=`` wins, as transformers does
+        kwargs.setdefault(_cache_argument(_lm_class(self)), past_key_values)
     return _lm_class(self).forward(
         self,
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         labels=labels,
         **kwargs,
     )
+
+
+@functools.cache
+def _cache_argument(lm_class: type) -> str:
+    """The name ``lm_class.forward`` takes the KV cache by: ``cache`` since transformers
+    renamed ``past_key_values`` (which it deprecates, warning even when given None)."""
+    params = inspect.signature(lm_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @torch.no_grad()
