@@ -1,17 +1,20 @@
 """The FLOP counts behind every benchmark's FLOP bound (``scripts/support/flops.py``) against
 torch's own counter, ``FlopCounterMode``, on the models they describe: a ViT tower vanilla
-and merging, a Llama language model vanilla and under VTU, and a Qwen2.5-VL vision tower
-vanilla and merging. Attention runs SDPA's math backend (and open_clip's attention without
-its fused fast path), so that the counter sees its products."""
+and merging, a Llama language model vanilla and under VTU, a Qwen2.5-VL vision tower vanilla
+and merging, and a whole LLaVA prefill as ``bench_vlm.py`` counts it. Attention runs SDPA's
+math backend (and open_clip's attention without its fused fast path), so that the counter
+sees its products."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-from conftest import TINY, TINY_LM
+from conftest import TINY, TINY_LM, photo
 from qwen_vlms import build, pixels
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -19,10 +22,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import dymu
 from dymu import Thresholds
-from dymu.integrations import hf_qwen_vl
+from dymu.integrations import hf_llava, hf_qwen_vl
 from dymu.lm.vtu import apply_vtu
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "support" / "flops.py"
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+SCRIPT = SCRIPTS / "support" / "flops.py"
 
 
 def load_script():
@@ -139,3 +143,26 @@ def test_qwen_tower_counts_are_the_towers_products():
         for g, k in zip(grids, kept.tolist(), strict=True)
     )
     assert linear == want
+
+
+def test_llava_prefill_count_is_the_models_products(monkeypatch):
+    """``bench_vlm.py``'s vanilla prefill (its tiny shape, a real photo through LLaVA's own
+    processor): CLIP with every layer run, the projector, and the LM at N (plus the masked
+    half of causal attention, which the counter sees)."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    bench = importlib.import_module("bench_vlm")
+    args = SimpleNamespace(shape="quick", seed=0, device="cpu", dtype=torch.float32)
+    model = bench.build_model(args, image_token=bench.WORDS.index("<image>"))
+    processor = bench.build_processor(bench.SHAPES["quick"]["image"])
+    prompt = "USER : <image> Describe the image . ASSISTANT :"
+    inputs = processor(images=[photo("coffee")], text=[prompt], return_tensors="pt")
+    n = inputs["input_ids"].shape[1]
+    text = model.config.text_config
+    masked_half = text.num_hidden_layers * 2 * n * n * text.hidden_size
+
+    counts, _ = counted(lambda: model(**inputs, logits_to_keep=1))
+    encoder = hf_llava.build_encoder(model)
+    with torch.no_grad():
+        out = encoder(inputs["pixel_values"])
+    vanilla, _ = bench.prefill_flops(model, encoder, out, n)["vanilla"]
+    assert sum(counts.values()) == vanilla + masked_half
