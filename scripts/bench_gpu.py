@@ -1,7 +1,8 @@
 """Every GPU figure the project reports, in one command and one table (issue 19, point 6).
 
-Four sections, each timed by its sibling script's own functions (random, seeded weights built
-from configs; nothing downloaded), vanilla and dymu interleaved in one run, medians:
+Five sections and one run only when named, each timed by its sibling script's own functions
+(random, seeded weights built from configs; nothing downloaded), vanilla and dymu
+interleaved in one run, medians:
 
 * **encoder** (``bench_encoder.bench_model``): ViT-L-14-336-tome-72out and
   ViT-SO400M-14-SigLIP-384-tome-192out at batch 1, 8 and 64, thresholds calibrated on the
@@ -20,6 +21,11 @@ from configs; nothing downloaded), vanilla and dymu interleaved in one run, medi
 * **qwen** (``bench_vlm_qwen.bench_batch``): the whole Qwen2.5-VL-7B-shaped model (bf16,
   tower included) at a 1024x1024 photo (1369 LLM tokens), thresholds for the DyMU-low share
   of units (``--qwen-budgets``), batch 1 and 16: prefill and generate as for the VLM rows.
+* **vlm-compiled**, only when named in ``--sections``: the vlm prefill row at the first
+  budget and batch size with the decoder compiled for both (``bench_vlm_budgets.py
+  --compile``: inductor, dynamic shapes), as a server runs a model; at batch 1 both are
+  bound by kernel launches in eager mode, which compiling cuts. Four variants of the 7B
+  decoder compile first (minutes; not measured yet).
 
 Targets (issues 19, 20 and 21, on one H100 or H200): encoder at batch 64 >= 1.3x (ViT-L)
 and >= 1.2x (SO400M), batch 8 >= 1.0x, batch 1 >= 0.9x; calibration >= 0.9x; ToMe r 16 at
@@ -43,6 +49,7 @@ Run from the repository root on a GPU machine::
 
     python scripts/bench_gpu.py
     python scripts/bench_gpu.py --sections encoder vlm --json gpu.json --plot gpu.png
+    python scripts/bench_gpu.py --sections vlm-compiled --json gpu-compiled.json --plot gpu-c.png
     python scripts/bench_gpu.py --quick   # tiny shapes on CPU, one rep: what CI runs
 """
 
@@ -81,6 +88,7 @@ import dymu  # noqa: E402
 import dymu.integrations.hf_qwen_vl  # noqa: E402
 
 SECTIONS = ["encoder", "calibration", "tome", "vlm", "qwen"]
+OPT_IN = ["vlm-compiled"]  # run only when named: compiling a 7B decoder takes minutes
 VIT_L, SO400M = "ViT-L-14-336-tome-72out", "ViT-SO400M-14-SigLIP-384-tome-192out"
 TINY_TOWER = ENCODER[True]  # bench_overhead's 4-block tower at 64 px
 SECTION_REPS = {"encoder": (3, 10), "tome": (3, 10), "vlm": (1, 5), "qwen": (1, 5)}  # on a GPU
@@ -240,32 +248,39 @@ def tome_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
     return run_units(clock, "tome", args.tome_models, unit)
 
 
-def vlm_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+def vlm_section(args: argparse.Namespace, clock: Clock, compile_lm: bool = False) -> list[Row]:
     warmup, count = reps(args, "vlm")
     cuda = args.device.startswith("cuda")
     shape = "quick" if args.quick else "7b" if cuda else "small"
     ns = argparse.Namespace(
-        shape=shape, device=args.device, dtype=args.vlm_dtype, seed=0, reps=count, warmup=warmup,
-        new_tokens=args.new_tokens or (32 if cuda else 4),
+        shape=shape, device=args.device, dtype=args.vlm_dtype, seed=0, reps=count,
+        warmup=max(warmup, int(compile_lm)), compile=compile_lm,
+        new_tokens=0 if compile_lm else args.new_tokens or (32 if cuda else 4),
     )  # fmt: skip
     lm = dymu.apply_vtu(bench_vlm_budgets.build_lm(ns))
+    if compile_lm:
+        bench_vlm_budgets.compiled(lm)
     gen = torch.Generator().manual_seed(ns.seed)
     label = "llava-1.5-7b LM" if shape == "7b" else f"llava-1.5 LM ({shape})"
+    section = "vlm-compiled" if compile_lm else "vlm"
+    label += ", compiled" if compile_lm else ""
 
     def unit(budget: str) -> list[Row]:
         rows = []
-        for bsz in args.vlm_batches:
+        for bsz in args.vlm_batches[:1] if compile_lm else args.vlm_batches:
             r = bench_vlm_budgets.run_row(ns, lm, budget, bsz, gen)
             low = budget == "low"
             rows += [
-                Row("vlm", label, bsz, f"{budget} prefill", r["vanilla_ms"], r["vtu_ms"], "ms",
-                    r["bound"], VLM_TARGETS.get((bsz, "prefill")) if low else None, detail=r),
-                Row("vlm", label, bsz, f"{budget} generate", r["vanilla_tps"], r["vtu_tps"],
+                Row(section, label, bsz, f"{budget} prefill", r["vanilla_ms"], r["vtu_ms"],
+                    "ms", r["bound"], VLM_TARGETS.get((bsz, "prefill")) if low else None,
+                    detail=r),
+                Row(section, label, bsz, f"{budget} generate", r["vanilla_tps"], r["vtu_tps"],
                     "tok/s", None, VLM_TARGETS.get((bsz, "generate")) if low else None),
-            ]  # fmt: skip
+            ][: 1 if compile_lm else 2]  # compiled: prefill only  # fmt: skip
         return rows
 
-    return run_units(clock, "vlm", args.vlm_budgets, unit)
+    budgets = args.vlm_budgets[:1] if compile_lm else args.vlm_budgets
+    return run_units(clock, section, budgets, unit)
 
 
 def qwen_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
@@ -308,6 +323,7 @@ RUNNERS = {
     "tome": tome_section,
     "vlm": vlm_section,
     "qwen": qwen_section,
+    "vlm-compiled": lambda args, clock: vlm_section(args, clock, compile_lm=True),
 }
 
 
@@ -381,7 +397,8 @@ def parse_args() -> argparse.Namespace:
     dtypes = list(bench_encoder.DTYPES)
     add("--dtype", choices=dtypes, help="encoder, calibration, ToMe (fp16 on cuda, else fp32)")
     add("--vlm-dtype", choices=dtypes, help="VLM precision (default bf16 on cuda, else fp32)")
-    add("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="which to run, in order")
+    sections_help = f"which to run, in order (also: {', '.join(OPT_IN)}, only when named)"
+    add("--sections", nargs="+", choices=SECTIONS + OPT_IN, default=SECTIONS, help=sections_help)
     add("--encoder-models", nargs="+", default=[VIT_L, SO400M], help="dymu encoder names")
     add("--encoder-batches", nargs="+", type=int, default=[1, 8, 64], help="encoder batch sizes")
     add("--calib-model", default=VIT_L, help="the calibration section's encoder")

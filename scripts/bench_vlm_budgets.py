@@ -19,16 +19,26 @@ once), and greedy ``generate()`` tokens/s over ``--new-tokens`` (prefill include
 Targets on a GPU (issue 20, low budget): prefill at least 1.5x at batch 1 and 2.5x at batch
 16; generate at least 1.0x and 1.2x.
 
+``--compile`` compiles the decoder (``lm.model.compile(dynamic=True)``: inductor, shapes
+symbolic, as a server compiles a model) for both: vanilla and VTU calls then run compiled
+code, one graph break where VTU reads its slot count before the first layer. The warmup reps
+and one untimed ``generate()`` each compile; the timed reps do not. transformers' decoder
+compiles anew for each kind of call (the first batch size above 1, prefill against decode,
+kwargs given or not): about 15 variants for the quick run's two batch sizes with
+generation, 4 for one batch size's prefills (``--new-tokens 0``: no generation).
+
 Run from the repository root::
 
     python scripts/bench_vlm_budgets.py --threads 2                  # CPU, small shape
     python scripts/bench_vlm_budgets.py --device cuda --new-tokens 32  # 7b shape, bf16
+    python scripts/bench_vlm_budgets.py --device cuda --compile --budgets low  # compiled
     python scripts/bench_vlm_budgets.py --quick                      # smoke run (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -57,20 +67,38 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=None, help="32 on cuda, else 4")
+    tokens_help = "32 on cuda, else 4; 0: prefill only"
+    p.add_argument("--new-tokens", type=int, default=None, help=tokens_help)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="quick shape, batch 1 and 2, 1 rep")
+    compile_help = "compile the decoder (inductor, dynamic shapes) for vanilla and VTU alike"
+    p.add_argument("--compile", action="store_true", help=compile_help)
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     args.shape = "quick" if args.quick else args.shape or ("7b" if cuda else "small")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     default_batches = [1, 2] if args.quick else [1, 16, 64] if cuda else [1, 16]
     args.batch_sizes = args.batch_sizes or default_batches
-    args.new_tokens = args.new_tokens or (32 if cuda else 4)
+    if args.new_tokens is None:
+        args.new_tokens = 32 if cuda else 4
     if args.quick:
         args.reps, args.warmup, args.budgets = 1, 0, ["low"]
+    if args.compile:
+        args.warmup = max(args.warmup, 1)  # the compile happens in an untimed rep
     return args
+
+
+def compiled(lm: torch.nn.Module) -> torch.nn.Module:
+    """``lm`` with its decoder compiled in place (inductor, dynamic shapes): what runs is
+    compiled at the first call of each kind (prefill with and without VTU, decode)."""
+    import torch._dynamo
+
+    # prefill with and without a mapping, decode steps and each batch size's first call
+    # compile variants of one frame; past the default limit (8) dynamo would run it eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    lm.model.compile(dynamic=True)
+    return lm
 
 
 def build_lm(args: argparse.Namespace) -> torch.nn.Module:
@@ -128,8 +156,12 @@ def run_row(args, lm, budget: str, bsz: int, gen: torch.Generator) -> dict:
         runs = {"vanilla": prefill(False), "vtu": prefill(True)}
         first = interleave(runs, args.reps, args.warmup)
         reps = max(1, args.reps // 2)
-        runs = {"vanilla": generate(False), "vtu": generate(True)}
+        runs = {"vanilla": generate(False), "vtu": generate(True)} if args.new_tokens else {}
+        if getattr(args, "compile", False):  # decoding's shapes compile once, untimed
+            for run in runs.values():
+                run()
         gen_ms = {k: statistics.median(timed(f) for _ in range(reps)) for k, f in runs.items()}
+        gen_ms = gen_ms or {"vanilla": math.nan, "vtu": math.nan}
     slots = [BEFORE + k + AFTER for k in kept]
     bound = lm_flops(lm, n) / statistics.fmean(lm_flops(lm, m) for m in slots)
     tps = {k: bsz * args.new_tokens / (ms / 1e3) for k, ms in gen_ms.items()}
@@ -145,9 +177,12 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     lm = dymu.apply_vtu(build_lm(args))
+    if args.compile:
+        compiled(lm)
     gen = torch.Generator().manual_seed(args.seed)
     print(
         f"Llama ({args.shape}) {lm.config.num_hidden_layers} x {lm.config.hidden_size}, "
+        f"{'compiled, ' if args.compile else ''}"
         f"{args.dtype}, {args.device}; torch {torch.__version__}; N = {BEFORE + PATCHES + AFTER}"
         f" positions, {args.new_tokens} new tokens, {args.reps} reps"
     )
@@ -160,7 +195,8 @@ def main() -> None:
             print(
                 f"{budget:<7} {bsz:>5} {kept:>16} {r['vanilla_ms']:>11.1f} {r['vtu_ms']:>9.1f}"
                 f" {r['speedup']:>7.2f}x {r['bound']:>5.2f}x {r['speedup'] / r['bound']:>6.2f}"
-                f" {r['vtu_tps']:>10.1f} {r['vtu_tps'] / r['vanilla_tps']:>7.2f}x"
+                + (f" {r['vtu_tps']:>10.1f} {r['vtu_tps'] / r['vanilla_tps']:>7.2f}x"
+                   if args.new_tokens else f" {'-':>10} {'-':>8}")
             )
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import TINY, TINY_LM, photo
 from qwen_vlms import build, pixels
@@ -38,6 +39,13 @@ def load_script():
 
 
 flops = load_script()
+
+
+def within_rotary(flop_count: float):
+    """Some transformers versions make the rotary tables by a matrix product (inverse
+    frequencies by positions: a few hundred FLOPs), which the counter sees and a bound
+    leaves out."""
+    return pytest.approx(flop_count, rel=1e-4)
 
 
 def counted(fn) -> tuple[dict[str, int], object]:
@@ -105,14 +113,14 @@ def test_lm_counts_are_the_models_products_vanilla_and_under_vtu():
     ids = torch.randint(1, 60, (2, n), generator=torch.Generator().manual_seed(0))
 
     vanilla, _ = counted(lambda: model(input_ids=ids, logits_to_keep=1))
-    assert sum(vanilla.values()) == 2 * (flops.lm(shape, n, n, n) + masked_half)
+    assert sum(vanilla.values()) == within_rotary(2 * (flops.lm(shape, n, n, n) + masked_half))
 
     embeds = model.model.embed_tokens(ids).detach()
     mapping = torch.stack([torch.arange(n) // 4, torch.arange(n) // 2])  # 10 and 20 slots
     apply_vtu(model)
     vtu, _ = counted(lambda: model(inputs_embeds=embeds, vtu_mapping=mapping, logits_to_keep=1))
     want = sum(flops.lm(shape, n, slots, n) + masked_half for slots in (10, 20))
-    assert sum(vtu.values()) == want
+    assert sum(vtu.values()) == within_rotary(want)
 
 
 def test_qwen_tower_counts_are_the_towers_products():
@@ -165,4 +173,4 @@ def test_llava_prefill_count_is_the_models_products(monkeypatch):
     with torch.no_grad():
         out = encoder(inputs["pixel_values"])
     vanilla, _ = bench.prefill_flops(model, encoder, out, n)["vanilla"]
-    assert sum(counts.values()) == vanilla + masked_half
+    assert sum(counts.values()) == within_rotary(vanilla + masked_half)

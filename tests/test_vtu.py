@@ -375,17 +375,3 @@ def test_a_rotary_function_of_another_form_is_called_as_it_is():
             assert rotates_halves(module.__name__) is expected, name
         finally:
             del sys.modules[module.__name__]
-
-
-def test_torch_compile_of_a_vtu_model_gives_the_same_logits():
-    """``torch.compile`` of a VTU-patched model (dynamo breaks its graph where the plan reads
-    the slot count) computes what eager mode does, the rotation on the slots included."""
-    model = build("llama")
-    apply_vtu(model)
-    mapping, mask = skewed_batch(torch.Generator().manual_seed(9))
-    embeds = torch.randn(3, 40, 32)
-    with torch.no_grad():
-        eager = model(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
-        compiled = torch.compile(model, backend="eager")
-        got = compiled(inputs_embeds=embeds, attention_mask=mask, vtu_mapping=mapping).logits
-    assert torch.allclose(got, eager, atol=1e-6)
