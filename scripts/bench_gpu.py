@@ -56,22 +56,15 @@ Run from the repository root on a GPU machine::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import json
 import logging
-import math
 import os
-import platform
 import shutil
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -83,6 +76,14 @@ import bench_tome  # noqa: E402
 import bench_vlm_budgets  # noqa: E402
 import bench_vlm_qwen  # noqa: E402
 from bench_overhead import ENCODER, quick_tower  # noqa: E402
+from support.gpu_table import (  # noqa: E402
+    Clock,
+    Row,
+    device_info,
+    guarded,
+    print_table,
+    write_outputs,
+)
 
 import dymu  # noqa: E402
 import dymu.integrations.hf_qwen_vl  # noqa: E402
@@ -99,64 +100,6 @@ QUICK = dict(
     calib_images=8, calib_batch=4, calib_runs=1, tome_models=["timm:tiny"], tome_batch=4,
     vlm_budgets=["low"], vlm_batches=[1, 2], new_tokens=2, reps=1, warmup=0,
 )  # fmt: skip
-
-
-@dataclass
-class Row:
-    """One measurement: figures in ``unit`` (ms: lower is better; img/s, tok/s: higher)."""
-
-    section: str
-    model: str
-    batch: int | None = None
-    setting: str = ""
-    vanilla: float | None = None
-    dymu: float | None = None
-    unit: str = ""
-    bound: float | None = None  # FLOP bound of the speedup
-    target: float | None = None  # the speedup to reach
-    reference: float | None = None  # ToMe's own patch, in ``unit``
-    note: str = ""  # an error, or why the row was skipped
-    detail: dict = field(default_factory=dict)  # the sibling's own row, for the JSON
-
-    @property
-    def speedup(self) -> float | None:
-        if self.vanilla is None or self.dymu is None:
-            return None
-        return self.vanilla / self.dymu if self.unit == "ms" else self.dymu / self.vanilla
-
-    @property
-    def met(self) -> bool | None:
-        if self.target is None or self.speedup is None:
-            return None
-        return self.speedup >= self.target
-
-
-class Clock:
-    """Seconds since the start against ``--time-limit``."""
-
-    def __init__(self, limit: float) -> None:
-        self.start, self.limit = time.perf_counter(), limit
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def allows(self, estimate: float = 0.0) -> bool:
-        return self.elapsed() + estimate < self.limit
-
-
-def guarded(section: str, label: str, fn: Callable[[], list[Row]]) -> list[Row]:
-    """``fn``'s rows, its prints sent to stderr; an error row where it fails."""
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            return fn()
-    except (Exception, SystemExit) as exc:  # a failing part is a row; the others still run
-        traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0][:100]
-        return [Row(section, label, note=f"error: {type(exc).__name__}: {first}")]
-    finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def run_units(
@@ -327,68 +270,6 @@ RUNNERS = {
 }
 
 
-def device_info(args: argparse.Namespace) -> dict[str, str]:
-    if args.device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(args.device))
-    else:
-        cpuinfo = Path("/proc/cpuinfo")
-        models = [line.split(":", 1)[1].strip() for line in
-                  (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-                  if line.startswith("model name")]  # fmt: skip
-        name = f"{models[0] if models else platform.processor() or 'CPU'} ({os.cpu_count()} CPUs)"
-    return {"device": name, "torch": torch.__version__, "dtype": args.dtype,
-            "vlm_dtype": args.vlm_dtype}  # fmt: skip
-
-
-def cell(value: float | None, unit: str = "") -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    if unit == "x":
-        return f"{value:.2f}x"
-    return f"{value:.1f} {unit}" if unit in ("ms", "tok/s") else f"{value:.0f} {unit}"
-
-
-def print_table(rows: list[Row], info: dict[str, str], seconds: float) -> None:
-    print(
-        f"{info['device']} | torch {info['torch']} | {info['dtype']} (encoder, calibration, "
-        f"ToMe), {info['vlm_dtype']} (VLM) | {seconds:.0f} s"
-    )
-    head = (
-        f"{'section':<11} {'model':<36} {'batch':>5} {'setting':<15} {'vanilla':>11} "
-        f"{'dymu':>11} {'ToMe own':>11} {'speedup':>7} {'bound':>6} {'target':>6} met"
-    )
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        if r.note:
-            print(f"{r.section:<11} {r.model:<36} {r.note}")
-            continue
-        met = "-" if r.met is None else "yes" if r.met else "no"
-        print(
-            f"{r.section:<11} {r.model:<36} {r.batch:>5} {r.setting:<15} "
-            f"{cell(r.vanilla, r.unit):>11} {cell(r.dymu, r.unit):>11} "
-            f"{cell(r.reference, r.unit):>11} {cell(r.speedup, 'x'):>7} {cell(r.bound, 'x'):>6} "
-            f"{cell(r.target, 'x'):>6} {met}"
-        )
-    print("speedup = vanilla ms / dymu ms, or dymu / vanilla for img/s and tok/s; bound = FLOPs")
-
-
-def write_outputs(args: argparse.Namespace, rows: list[Row], info: dict, seconds: float) -> None:
-    if args.json:
-        rows_out = [{**asdict(r), "speedup": r.speedup, "met": r.met} for r in rows]
-        payload = {**info, "seconds": seconds, "command": sys.argv, "rows": rows_out}
-        Path(args.json).write_text(json.dumps(payload, indent=1))
-        print(f"JSON written to {args.json}")
-    if args.plot:
-        bars = [
-            SimpleNamespace(model=f"{r.section}: {r.model.split('-tome')[0]}\n{r.setting}",
-                            batch=r.batch,
-                            speedup=r.speedup, bound=math.nan if r.bound is None else r.bound)
-            for r in rows if r.speedup is not None
-        ]  # fmt: skip
-        bench_encoder.plot(bars, args.plot)
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = p.add_argument
@@ -446,9 +327,9 @@ def main() -> None:
                 rows.append(Row(section, "-", note="skipped: time limit"))
                 continue
             rows += guarded(section, "-", lambda section=section: RUNNERS[section](args, clock))
-    info = device_info(args)
+    info = device_info(args.device, args.dtype, args.vlm_dtype)
     print_table(rows, info, clock.elapsed())
-    write_outputs(args, rows, info, clock.elapsed())
+    write_outputs(rows, info, clock.elapsed(), args.json, args.plot, bench_encoder.plot)
 
 
 if __name__ == "__main__":
