@@ -5,7 +5,7 @@ counts both on the CPU, where a GPU would see the same numbers: the ops a forwar
 not depend on the device, and the reads and uploads counted here are those that would block a
 GPU's host (with ``--device cuda`` they are counted on the device itself).
 
-Two parts, built from configs with random (seeded) weights, nothing downloaded:
+Four parts (two by default), built from configs with random (seeded) weights, nothing downloaded:
 
 * **encoder**: the open_clip tower ``ViT-B-16`` (``--quick``: a tiny 4-block tower at 64 px),
   thresholds calibrated on the bundled photos (``examples/images.json``) for the name's budget
@@ -22,6 +22,13 @@ Two parts, built from configs with random (seeded) weights, nothing downloaded:
   Qwen2.5-VL-shaped model (``small``; ``--quick``: ``quick``), tower included, ``vanilla``
   beside ``dymu+VTU`` at the DyMU-low budget. No budget is set for it yet: the rows say where
   it stands.
+* **lm** (asked for with ``--parts lm``): one prefill of ``bench_vlm_budgets``' LLaVA-1.5
+  language model (``small``; ``--quick``: ``quick``) at the DyMU-low budget, ``vanilla``
+  beside ``dymu+VTU``, eager and with the decoder compiled (``vanilla compiled``,
+  ``VTU compiled``: inductor, dynamic shapes, as ``bench_vlm_budgets.py --compile`` runs
+  it). A compiled row counts the launches in the code inductor makes for the call
+  (``op_counter.compiled_call_launches``, on a CPU its C++ kernels standing in for a GPU's
+  Triton ones; ``x vanilla`` is against vanilla compiled) and not its host reads (``-``).
 
 Images of different lengths attend the way ``attention="auto"`` takes on a GPU (one padded
 SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image, and
@@ -50,6 +57,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -74,7 +82,7 @@ from dymu.engine.attention import auto_way  # noqa: E402
 from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-from support.op_counter import Count, count_forward  # noqa: E402
+from support.op_counter import Count, compiled_call_launches, count_forward  # noqa: E402
 
 ENCODER = {False: "ViT-B-16-tome-100out", True: "ViT-T-8-overhead-tome-16out"}
 QUICK_TOWER = {  # an open_clip config: 64 px, 8 px patches (64 patches), 4 blocks of width 64
@@ -283,13 +291,44 @@ def qwen_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def lm_rows(args: argparse.Namespace) -> list[Row]:
+    """One prefill of the LLaVA-1.5 language model at the low budget, vanilla and VTU,
+    eager (counted) and compiled (inductor's launches)."""
+    import bench_vlm_budgets as budgets
+
+    shape = "quick" if args.quick else "small"
+    settings = SimpleNamespace(shape=shape, device=args.device, dtype=args.dtype, seed=0)
+    lm = dymu.apply_vtu(budgets.build_lm(settings))
+    gen = torch.Generator().manual_seed(0)
+    label, rows = f"llava-{shape} LM", []
+    for bsz in args.batch_sizes:
+        mapping = budgets.mapping_for(budgets.draw_kept("low", bsz, gen)).to(args.device)
+        embeds = torch.randn(*mapping.shape, lm.config.hidden_size, generator=gen)
+        embeds = embeds.to(args.device, lm.dtype)
+        kw = dict(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        calls = {
+            "vanilla": functools.partial(lm, **kw),
+            "dymu+VTU": functools.partial(lm, **kw, vtu_mapping=mapping),
+        }
+        with torch.inference_mode():
+            eager = {v: count_forward(call, lm, embeds, mapping) for v, call in calls.items()}
+            launches = {v: compiled_call_launches(lm.model, call)[0] for v, call in calls.items()}
+        for variant, count in eager.items():
+            rows.append(make_row("lm", label, variant, bsz, count, eager["vanilla"].ops,
+                                 None, None))  # fmt: skip
+        for variant, n in launches.items():
+            name = "VTU compiled" if variant == "dymu+VTU" else "vanilla compiled"
+            rows.append(Row("lm", label, name, bsz, n, -1, -1, launches["vanilla"]))
+    return rows
+
+
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else "within" if ok else "OVER"
 
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'part':<7} {'model':<27} {'variant':<13} {'batch':>5} {'ops':>6} {'x vanilla':>9} "
+        f"{'part':<7} {'model':<27} {'variant':<16} {'batch':>5} {'ops':>6} {'x vanilla':>9} "
         f"{'budget':>6} {'ops':>6} {'reads':>5} {'uploads':>7} {'budget':>6} {'syncs':>6}"
     )
     print(header)
@@ -297,10 +336,11 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         budget = "-" if r.ops_budget is None else f"{r.ops_budget:.1f}x"
         syncs = "-" if r.syncs_budget is None else str(r.syncs_budget)
+        reads, uploads = (str(n) if n >= 0 else "-" for n in (r.host_reads, r.uploads))
         print(
-            f"{r.part:<7} {r.model:<27} {r.variant:<13} {r.batch:>5} {r.ops:>6} "
-            f"{r.ratio:>8.2f}x {budget:>6} {verdict(r.ops_ok):>6} {r.host_reads:>5} "
-            f"{r.uploads:>7} {syncs:>6} {verdict(r.syncs_ok):>6}"
+            f"{r.part:<7} {r.model:<27} {r.variant:<16} {r.batch:>5} {r.ops:>6} "
+            f"{r.ratio:>8.2f}x {budget:>6} {verdict(r.ops_ok):>6} {reads:>5} "
+            f"{uploads:>7} {syncs:>6} {verdict(r.syncs_ok):>6}"
         )
 
 
@@ -308,7 +348,7 @@ def print_sites(rows: list[Row]) -> None:
     """Where the host reads and uploads of each variant happen (at its largest batch)."""
     last: dict[tuple[str, str], Row] = {}
     for r in rows:
-        if r.syncs:
+        if r.syncs > 0:  # compiled rows count none (-1)
             last[r.part, r.variant] = r
     if last:
         print("\nhost reads and uploads by site (largest batch):")
@@ -338,7 +378,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="fp16 on cuda, else fp32")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default: 1 8")
-    parts = ["encoder", "vlm", "qwen"]
+    parts = ["encoder", "vlm", "qwen", "lm"]
     p.add_argument("--parts", nargs="+", choices=parts, default=["encoder", "vlm"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, batch 1 and 2 (CI)")
     p.add_argument("--top", type=int, default=0, help="list the N ops dymu adds most")
@@ -365,6 +405,8 @@ def main() -> None:
             rows += vlm_rows(args)
         if "qwen" in args.parts:
             rows += qwen_rows(args)
+        if "lm" in args.parts:
+            rows += lm_rows(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"torch {torch.__version__}, {device}, {args.dtype}; per forward (VLM: one prefill)")
     print_table(rows)

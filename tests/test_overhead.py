@@ -160,6 +160,31 @@ def test_fused_merges_count_their_compiled_kernels_and_fit_the_budget(threshold_
     assert fused.host_reads + fused.uploads <= 1, fused.sites
 
 
+def test_compiled_call_launches_counts_each_graph_and_leaves_the_module_eager():
+    """A module compiled for one call: a graph per side of a graph break (``.item()``), at
+    least one launch in each (the product and the sum are real work), and afterwards the
+    module runs its own eager forward again."""
+
+    class TwoGraphs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.linear(x).relu()
+            scale = float(y.sum())  # a host read: dynamo breaks the graph here
+            return (y * scale).softmax(-1)
+
+    module, x = TwoGraphs(), torch.randn(4, 8)
+    with torch.no_grad():
+        want = module(x)
+        launches, graphs = overhead.compiled_call_launches(module, lambda: module(x))
+        assert module._compiled_call_impl is None  # eager again
+        assert torch.allclose(module(x), want)
+    assert graphs == 2
+    assert launches >= graphs
+
+
 @pytest.mark.parametrize("how", [*HOST_KNOWN, "fixed-r fused"])
 def test_host_known_shapes_compile_into_one_graph(pixels, how):
     """Fixed-r and no-merge have no data-dependent shape: dynamo captures the whole forward

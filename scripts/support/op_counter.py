@@ -319,6 +319,25 @@ def compiled_launches(fn: Callable, args: tuple) -> int:
     return _LAUNCHES[key]
 
 
+def compiled_call_launches(module: torch.nn.Module, call: Callable[[], object]) -> tuple[int, int]:
+    """(kernel launches, graphs) in the code inductor makes for ``call()`` with ``module``
+    compiled in place (``module.compile(dynamic=True)``), from a fresh compile outside any
+    cache; ``module`` runs eagerly again afterwards. The eager code dynamo leaves between
+    graphs (at a graph break) is not counted."""
+    from torch._inductor import config as inductor
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    module.compile(dynamic=True)
+    try:
+        with _disable_current_modes(), inductor.patch(fx_graph_cache=False):
+            _, codes = run_and_get_code(call)
+    finally:
+        module._compiled_call_impl = None  # what nn.Module.compile set: eager again
+        torch._dynamo.reset()
+    return sum(launches_in(code) for code in codes), len(codes)
+
+
 def _kind(arg: object) -> object:
     """What of an argument a compiled function's code depends on."""
     if isinstance(arg, torch.Tensor):
