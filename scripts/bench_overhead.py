@@ -226,14 +226,15 @@ def prefill(model: torch.nn.Module, inputs: dict) -> Callable[[], object]:
 def vlm_rows(args: argparse.Namespace) -> list[Row]:
     """One prefill of vanilla, dymu+VTU and dymu no-VTU at every batch size."""
     import bench_vlm  # transformers is imported only when this part runs
+    from support import llava_shapes
 
     from dymu.integrations import hf_llava
 
     shape = "quick" if args.quick else "small"
-    image = bench_vlm.SHAPES[shape]["image"]
+    image = llava_shapes.SHAPES[shape]["image"]
     settings = SimpleNamespace(shape=shape, device=args.device, dtype=DTYPES[args.dtype], seed=0)
-    processor = bench_vlm.build_processor(image)
-    model = bench_vlm.build_model(settings, processor.image_token_id)
+    processor = llava_shapes.build_processor(image)
+    model = llava_shapes.build_model(settings, processor.image_token_id)
     photos = [load_rgb(p) for p in open_source(str(args.data)).paths]
     pixels = processor.image_processor(photos, return_tensors="pt")["pixel_values"]
     pixels = pixels.to(args.device, settings.dtype)
@@ -243,14 +244,14 @@ def vlm_rows(args: argparse.Namespace) -> list[Row]:
         kept = hf_llava.build_encoder(model, thresholds)(pixels).lengths.cpu()
     models = {"vanilla": model}
     for variant, vtu in (("dymu+VTU", True), ("dymu no-VTU", False)):
-        models[variant] = hf_llava.apply(bench_vlm.shared_copy(model), thresholds, vtu=vtu)
+        models[variant] = hf_llava.apply(llava_shapes.shared_copy(model), thresholds, vtu=vtu)
         encoder = hf_llava.encoder_of(models[variant])
         encoder.attention, encoder.fuse = gpu_way(args), gpu_fuse(args)
     label = f"llava-{shape}"
     rows = []
     for bsz in args.batch_sizes:
         images = pick(photos, bsz, median_index(kept))
-        text = [bench_vlm.PROMPT] * bsz
+        text = [llava_shapes.PROMPT] * bsz
         inputs = processor(images=images, text=text, return_tensors="pt").to(args.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(settings.dtype)
         roots = list(inputs.values())

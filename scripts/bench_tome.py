@@ -99,7 +99,7 @@ def theirs(model: torch.nn.Module) -> torch.nn.Module | None:
         return None
     if not isinstance(model, timm.models.vision_transformer.VisionTransformer):
         return None
-    from bench_vlm import shared_copy
+    from support.llava_shapes import shared_copy
 
     copy = shared_copy(model)
     tome.patch.timm(copy)

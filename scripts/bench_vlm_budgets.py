@@ -1,15 +1,15 @@
 """VTU at the token budgets the DyMU paper reports for LLaVA-1.5 (issue 20).
 
 Real CLIP weights keep far fewer than 576 tokens per image but not the 2-to-530 spread that
-random weights give, so this draws each image's kept count from the paper's budgets
-(normal, seeded, clipped to 1..576): **low** 89 +- 27, **mid** 195 +- 47, **high** 394 +- 57.
-The language model is bench_vlm's Llama (``--shape``: ``7b`` on CUDA, ``small`` on CPU,
-``quick`` for CI) with random weights; a prompt is N = 585 positions (576 image positions
-between 5 text tokens before and 4 after), the image positions falling into the drawn number
-of groups (contiguous runs: where groups lie does not change the cost). Vanilla runs the
-full sequence; dymu+VTU the same ``inputs_embeds`` with the mapping, the batch's slots packed.
-The vision tower is left out: the LM is about 90% of LLaVA-1.5's prefill (bench_vlm.py
-measures the whole model).
+random weights give, so this draws each image's kept count from the paper's budgets (normal,
+seeded, clipped to 1..576): **low** 89 +- 27, **mid** 195 +- 47, **high** 394 +- 57. The
+language model is bench_vlm's Llama (``support/llava_shapes.py``; ``--shape``: ``7b`` on
+CUDA, ``small`` on CPU, ``quick`` for CI) with random weights; a prompt is N = 585 positions
+(576 image positions between 5 text tokens before and 4 after), the image positions falling
+into the drawn number of groups (contiguous runs: where groups lie does not change the
+cost). Vanilla runs the full sequence; dymu+VTU the same ``inputs_embeds`` with the mapping,
+the batch's slots packed. The vision tower is left out: the LM is about 90% of LLaVA-1.5's
+prefill (bench_vlm.py measures the whole model).
 
 Per budget and ``--batch-sizes`` (default 1 16 64 on CUDA, 1 16 on CPU), interleaved in one
 run (medians): prefill = time to first token (``lm(inputs_embeds, vtu_mapping,
@@ -48,9 +48,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
 from bench_encoder import DTYPES  # noqa: E402
-from bench_vlm import SHAPES  # noqa: E402
 from bench_vtu import interleave, timed  # noqa: E402
 from support import flops  # noqa: E402
+from support.llava_shapes import SHAPES, VOCAB  # noqa: E402
 
 import dymu  # noqa: E402
 
@@ -105,7 +105,7 @@ def build_lm(args: argparse.Namespace) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(**SHAPES[args.shape]["text"], vocab_size=32064, attn_implementation="sdpa")
+    config = LlamaConfig(**SHAPES[args.shape]["text"], vocab_size=VOCAB, attn_implementation="sdpa")
     with torch.device(args.device):  # built in place: a 7B model is not made on the host first
         lm = LlamaForCausalLM._from_config(config, dtype=DTYPES[args.dtype]).eval()
     lm.generation_config.pad_token_id = 0

@@ -158,10 +158,10 @@ def test_llava_prefill_count_is_the_models_products(monkeypatch):
     processor): CLIP with every layer run, the projector, and the LM at N (plus the masked
     half of causal attention, which the counter sees)."""
     monkeypatch.syspath_prepend(str(SCRIPTS))
-    bench = importlib.import_module("bench_vlm")
+    bench, shapes = (importlib.import_module(m) for m in ("bench_vlm", "support.llava_shapes"))
     args = SimpleNamespace(shape="quick", seed=0, device="cpu", dtype=torch.float32)
-    model = bench.build_model(args, image_token=bench.WORDS.index("<image>"))
-    processor = bench.build_processor(bench.SHAPES["quick"]["image"])
+    processor = shapes.build_processor(shapes.SHAPES["quick"]["image"])
+    model = shapes.build_model(args, image_token=processor.image_token_id)
     prompt = "USER : <image> Describe the image . ASSISTANT :"
     inputs = processor(images=[photo("coffee")], text=[prompt], return_tensors="pt")
     n = inputs["input_ids"].shape[1]
