@@ -1,9 +1,14 @@
 """VTU under ``torch.compile``: dynamo's graph breaks where the slot plan reads its size, and
-inductor compiling the decoder with dynamic shapes, as a server compiles a model."""
+inductor compiling the decoder with dynamic shapes, as a server compiles a model (a Llama,
+and the Qwen VLMs' language models under ``dymu.apply``)."""
 
+import pytest
 import torch
+from qwen_vlms import build as build_qwen
+from test_hf_qwen_vl import _case, calibrated
 from test_vtu import build, skewed_batch
 
+import dymu
 from dymu.lm.vtu import apply_vtu
 
 
@@ -50,3 +55,26 @@ def test_inductor_compiled_decoder_runs_vtu_as_eager():
     for g, e in zip(got, eager, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
     assert torch.equal(got_tokens, eager_tokens)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_inductor_compiled_qwen_language_model_runs_vtu_as_eager(family):
+    """A Qwen VLM under ``dymu.apply`` with merging thresholds, its language model compiled by
+    inductor (M-RoPE's 3D positions, Qwen3-VL's interleaved sections and DeepStack inside
+    the compiled layers): the first-token logits and greedy decoding of a left-padded batch
+    of two are eager mode's."""
+    model = build_qwen(family)
+    inputs = _case("batch", model)
+    vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
+    dymu.apply(model, thresholds=calibrated(model, vision), vtu=True)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(**inputs, use_cache=True, logits_to_keep=1).logits
+        return logits, model.generate(**inputs, max_new_tokens=3, do_sample=False)
+
+    with torch.no_grad():
+        logits, tokens = run()
+        model.model.language_model.compile(dynamic=True)
+        got_logits, got_tokens = run()
+    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got_tokens, tokens)
