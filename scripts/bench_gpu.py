@@ -1,6 +1,6 @@
 """Every GPU figure the project reports, in one command and one table (issue 19, point 6).
 
-Five sections and one run only when named, each timed by its sibling script's own functions
+Five sections and two run only when named, each timed by its sibling script's own functions
 (random, seeded weights built from configs; nothing downloaded), vanilla and dymu
 interleaved in one run, medians:
 
@@ -26,6 +26,8 @@ interleaved in one run, medians:
   --compile``: inductor, dynamic shapes), as a server runs a model; at batch 1 both are
   bound by kernel launches in eager mode, which compiling cuts. Four variants of the 7B
   decoder compile first (minutes; not measured yet).
+* **qwen-compiled**, only when named: the qwen rows at the first budget and batch size with
+  both language models compiled (``bench_vlm_qwen.py --compile``; the towers eager).
 
 Targets (issues 19, 20 and 21, on one H100 or H200): encoder at batch 64 >= 1.3x (ViT-L)
 and >= 1.2x (SO400M), batch 8 >= 1.0x, batch 1 >= 0.9x; calibration >= 0.9x; ToMe r 16 at
@@ -49,7 +51,7 @@ Run from the repository root on a GPU machine::
 
     python scripts/bench_gpu.py
     python scripts/bench_gpu.py --sections encoder vlm --json gpu.json --plot gpu.png
-    python scripts/bench_gpu.py --sections vlm-compiled --json gpu-compiled.json --plot gpu-c.png
+    python scripts/bench_gpu.py --sections vlm-compiled qwen-compiled --json gpu-c.json --plot ""
     python scripts/bench_gpu.py --quick   # tiny shapes on CPU, one rep: what CI runs
 """
 
@@ -76,6 +78,7 @@ import bench_tome  # noqa: E402
 import bench_vlm_budgets  # noqa: E402
 import bench_vlm_qwen  # noqa: E402
 from bench_overhead import ENCODER, quick_tower  # noqa: E402
+from support.compiled import compile_in_place  # noqa: E402
 from support.gpu_table import (  # noqa: E402
     Clock,
     Row,
@@ -89,7 +92,7 @@ import dymu  # noqa: E402
 import dymu.integrations.hf_qwen_vl  # noqa: E402
 
 SECTIONS = ["encoder", "calibration", "tome", "vlm", "qwen"]
-OPT_IN = ["vlm-compiled"]  # run only when named: compiling a 7B decoder takes minutes
+OPT_IN = ["vlm-compiled", "qwen-compiled"]  # only when named: compiling a 7B LM takes minutes
 VIT_L, SO400M = "ViT-L-14-336-tome-72out", "ViT-SO400M-14-SigLIP-384-tome-192out"
 TINY_TOWER = ENCODER[True]  # bench_overhead's 4-block tower at 64 px
 SECTION_REPS = {"encoder": (3, 10), "tome": (3, 10), "vlm": (1, 5), "qwen": (1, 5)}  # on a GPU
@@ -197,12 +200,12 @@ def vlm_section(args: argparse.Namespace, clock: Clock, compile_lm: bool = False
     shape = "quick" if args.quick else "7b" if cuda else "small"
     ns = argparse.Namespace(
         shape=shape, device=args.device, dtype=args.vlm_dtype, seed=0, reps=count,
-        warmup=max(warmup, int(compile_lm)), compile=compile_lm,
+        warmup=max(warmup, 2 * compile_lm), compile=compile_lm,
         new_tokens=0 if compile_lm else args.new_tokens or (32 if cuda else 4),
     )  # fmt: skip
     lm = dymu.apply_vtu(bench_vlm_budgets.build_lm(ns))
     if compile_lm:
-        bench_vlm_budgets.compiled(lm)
+        compile_in_place(lm.model)
     gen = torch.Generator().manual_seed(ns.seed)
     label = "llava-1.5-7b LM" if shape == "7b" else f"llava-1.5 LM ({shape})"
     section = "vlm-compiled" if compile_lm else "vlm"
@@ -226,38 +229,45 @@ def vlm_section(args: argparse.Namespace, clock: Clock, compile_lm: bool = False
     return run_units(clock, section, budgets, unit)
 
 
-def qwen_section(args: argparse.Namespace, clock: Clock) -> list[Row]:
+def qwen_section(args: argparse.Namespace, clock: Clock, compile_lm: bool = False) -> list[Row]:
     warmup, count = reps(args, "qwen")
     cuda = args.device.startswith("cuda")
     ns = bench_vlm_qwen.parse_args(["--device", args.device, "--dtype", args.vlm_dtype])
     ns.shape = "quick" if args.quick else "7b" if cuda else "small"
     ns.reps, ns.warmup, ns.new_tokens = count, warmup, args.new_tokens or ns.new_tokens
+    ns.warmup = max(ns.warmup, 2 * compile_lm)  # the compiles happen in untimed reps
     model = bench_vlm_qwen.build_model(ns)
     images, batches = bench_vlm_qwen.photo_inputs(ns)
     label = "Qwen2.5-VL-7B" if ns.shape == "7b" else f"Qwen2.5-VL ({ns.shape})"
+    section = "qwen-compiled" if compile_lm else "qwen"
+    label += ", LMs compiled" if compile_lm else ""
 
     def unit(budget: str) -> list[Row]:
         with torch.inference_mode():
             found = bench_vlm_qwen.calibrate(model, batches, bench_vlm_qwen.BUDGETS[budget])
         name = f"dymu+VTU {budget}"
-        models = {"vanilla": model, name: dymu.apply(bench_vlm_qwen.shared_copy(model), found)}
+        vanilla = bench_vlm_qwen.shared_copy(model) if compile_lm else model
+        models = {"vanilla": vanilla, name: dymu.apply(bench_vlm_qwen.shared_copy(model), found)}
         encoders = {name: dymu.integrations.hf_qwen_vl.build_encoder(model, found)}
+        for each in models.values() if compile_lm else ():
+            compile_in_place(each.model.language_model)
         rows = []
-        for bsz in args.vlm_batches:
+        for bsz in args.vlm_batches[:1] if compile_lm else args.vlm_batches:
             chosen = [images[i % len(images)] for i in range(bsz)]
             base, ours = bench_vlm_qwen.bench_batch(models, encoders, chosen, ns)
             low = budget == "low" and bsz in (1, 16)  # the issue's targets
             rows += [
-                Row("qwen", label, bsz, f"{budget} prefill", base["prefill"], ours["prefill"],
+                Row(section, label, bsz, f"{budget} prefill", base["prefill"], ours["prefill"],
                     "ms", base["flops"] / ours["flops"], 2.0 if low else None, detail=ours),
-                Row("qwen", label, bsz, f"{budget} generate",
+                Row(section, label, bsz, f"{budget} generate",
                     bsz * ns.new_tokens / base["generate"] * 1e3,
                     bsz * ns.new_tokens / ours["generate"] * 1e3, "tok/s", None,
                     1.0 if low else None),
             ]  # fmt: skip
         return rows
 
-    return run_units(clock, "qwen", args.qwen_budgets, unit)
+    budgets = args.qwen_budgets[:1] if compile_lm else args.qwen_budgets
+    return run_units(clock, section, budgets, unit)
 
 
 RUNNERS = {
@@ -267,6 +277,7 @@ RUNNERS = {
     "vlm": vlm_section,
     "qwen": qwen_section,
     "vlm-compiled": lambda args, clock: vlm_section(args, clock, compile_lm=True),
+    "qwen-compiled": lambda args, clock: qwen_section(args, clock, compile_lm=True),
 }
 
 

@@ -22,7 +22,7 @@ Targets on a GPU (issue 20, low budget): prefill at least 1.5x at batch 1 and 2.
 ``--compile`` compiles the decoder (``lm.model.compile(dynamic=True)``: inductor, shapes
 symbolic, as a server compiles a model) for both: vanilla and VTU calls then run compiled
 code, one graph break where VTU reads its slot count before the first layer. The warmup reps
-and one untimed ``generate()`` each compile; the timed reps do not. transformers' decoder
+(at least 2) and one untimed ``generate()`` each compile; the timed reps do not. transformers' decoder
 compiles anew for each kind of call (the first batch size above 1, prefill against decode,
 kwargs given or not): about 15 variants for the quick run's two batch sizes with
 generation, 4 for one batch size's prefills (``--new-tokens 0``: no generation).
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_encoder import DTYPES  # noqa: E402
 from bench_vtu import interleave, timed  # noqa: E402
 from support import flops  # noqa: E402
+from support.compiled import compile_in_place  # noqa: E402
 from support.llava_shapes import SHAPES, VOCAB  # noqa: E402
 
 import dymu  # noqa: E402
@@ -85,20 +86,8 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.reps, args.warmup, args.budgets = 1, 0, ["low"]
     if args.compile:
-        args.warmup = max(args.warmup, 1)  # the compile happens in an untimed rep
+        args.warmup = max(args.warmup, 2)  # the compiles happen in untimed reps
     return args
-
-
-def compiled(lm: torch.nn.Module) -> torch.nn.Module:
-    """``lm`` with its decoder compiled in place (inductor, dynamic shapes): what runs is
-    compiled at the first call of each kind (prefill with and without VTU, decode)."""
-    import torch._dynamo
-
-    # prefill with and without a mapping, decode steps and each batch size's first call
-    # compile variants of one frame; past the default limit (8) dynamo would run it eagerly
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    lm.model.compile(dynamic=True)
-    return lm
 
 
 def build_lm(args: argparse.Namespace) -> torch.nn.Module:
@@ -178,7 +167,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     lm = dymu.apply_vtu(build_lm(args))
     if args.compile:
-        compiled(lm)
+        compile_in_place(lm.model)
     gen = torch.Generator().manual_seed(args.seed)
     print(
         f"Llama ({args.shape}) {lm.config.num_hidden_layers} x {lm.config.hidden_size}, "

@@ -31,10 +31,15 @@ MLP at the M slots, attention at N). Targets (issue 21, on an H100 at batch 1 an
 budget): prefill at least 2x, generate at least 1.0x; on CPU the scaled-down shape at 0.8 of
 the FLOP bound.
 
+``--compile`` compiles every model's language model in place (inductor, dynamic shapes:
+``support/compiled.py``), vanilla's and each dymu's alike; the towers run as they are. The
+untimed warmup reps (at least 2) compile.
+
 Run from the repository root::
 
     python scripts/bench_vlm.py --family qwen2_5_vl --threads 2        # CPU, small shape
     python scripts/bench_vlm.py --family qwen2_5_vl --device cuda      # 7b shapes, bf16
+    python scripts/bench_vlm.py --family qwen2_5_vl --device cuda --compile --budgets low
     python scripts/bench_vlm.py --family qwen2_5_vl --quick            # smoke run (CI)
 """
 
@@ -50,6 +55,7 @@ from pathlib import Path
 import torch
 from bench_encoder import time_interleaved
 from support import flops
+from support.compiled import compile_in_place
 from torch import nn
 
 import dymu
@@ -105,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--data", type=Path, default=ROOT / "examples" / "images.json")
     p.add_argument("--seed", type=int, default=0)
+    compile_help = "compile the language models (inductor, dynamic shapes), vanilla's too"
+    p.add_argument("--compile", action="store_true", help=compile_help)
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if args.shape is None:
@@ -114,6 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (32 if cuda else 2 if args.quick else 4)
     if args.quick:
         args.reps, args.warmup = args.reps or 1, 0
+    if args.compile:
+        args.warmup = max(args.warmup, 2)  # the compiles happen in untimed reps
     return args
 
 
@@ -285,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
             encoders[name] = hf_qwen_vl.build_encoder(model, thresholds)
             models[name] = dymu.apply(shared_copy(model), thresholds)
         check_unmerged(model, thresholds, model_inputs(images[:1], args.device))
+    if args.compile:
+        for each in models.values():
+            compile_in_place(each.model.language_model)
         first = next(iter(encoders.values()))
         kept = [
             sum(
@@ -302,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         f"patches ({grid[1] * grid[2] // 4} LLM tokens); LM {t.num_hidden_layers} x "
         f"{t.hidden_size} (MLP {t.intermediate_size}); {str(args.dtype).removeprefix('torch.')}, "
         f"{args.device}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"{args.new_tokens} new tokens (built in {time.perf_counter() - start:.0f} s)"
+        f"{args.new_tokens} new tokens{'; language models compiled' if args.compile else ''}"
+        f" (built in {time.perf_counter() - start:.0f} s)"
     )
     rows = []
     for bsz in args.batch_sizes:
