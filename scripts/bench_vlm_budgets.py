@@ -22,10 +22,11 @@ Targets on a GPU (issue 20, low budget): prefill at least 1.5x at batch 1 and 2.
 ``--compile`` compiles the decoder (``lm.model.compile(dynamic=True)``: inductor, shapes
 symbolic, as a server compiles a model) for both: vanilla and VTU calls then run compiled
 code, one graph break where VTU reads its slot count before the first layer. The warmup reps
-(at least 2) and one untimed ``generate()`` each compile; the timed reps do not. transformers' decoder
-compiles anew for each kind of call (the first batch size above 1, prefill against decode,
-kwargs given or not): about 15 variants for the quick run's two batch sizes with
-generation, 4 for one batch size's prefills (``--new-tokens 0``: no generation).
+(at least 2) and one untimed ``generate()`` each compile; the timed reps do not.
+transformers' decoder compiles anew for each kind of call (the first batch size above 1,
+prefill against decode, kwargs given or not): about 15 variants for the quick run's two
+batch sizes with generation, 4 for one batch size's prefills (``--new-tokens 0``: no
+generation).
 
 Run from the repository root::
 

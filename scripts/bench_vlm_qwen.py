@@ -295,9 +295,6 @@ def main(argv: list[str] | None = None) -> None:
             encoders[name] = hf_qwen_vl.build_encoder(model, thresholds)
             models[name] = dymu.apply(shared_copy(model), thresholds)
         check_unmerged(model, thresholds, model_inputs(images[:1], args.device))
-    if args.compile:
-        for each in models.values():
-            compile_in_place(each.model.language_model)
         first = next(iter(encoders.values()))
         kept = [
             sum(
@@ -308,6 +305,9 @@ def main(argv: list[str] | None = None) -> None:
             for i in images
         ]
     median = images[sorted(range(len(kept)), key=kept.__getitem__)[(len(kept) - 1) // 2]]
+    if args.compile:
+        for each in models.values():
+            compile_in_place(each.model.language_model)
     v, t = model.config.vision_config, model.config.text_config
     grid = images[0]["image_grid_thw"][0].tolist()
     print(
