@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+from support.rss import children_peak_rss_mib, peak_rss_mib, reset_peak_rss, rss_mib
 
 import dymu
 from dymu.calibration.job import DTYPES, CalibrationConfig, run_calibration
@@ -59,7 +59,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT / "examples" / "images"
 THROUGHPUT_TARGET = 0.9  # calibration images/s / plain images/s, at least
 MEMORY_TARGET = 1.10  # peak RSS over 4N images / over N images, at most
-MIB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,44 +98,6 @@ def write_list(folder: Path, names: list[str]) -> Path:
     path = folder / f"images_{len(names)}.json"
     path.write_text(json.dumps([{"image": f"images/{n}"} for n in names]))
     return path
-
-
-# ---------------------------------------------------------------------------------------
-# memory readings
-
-
-def proc_status_kib(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``), or None off Linux."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mib() -> float:
-    kib = proc_status_kib("VmHWM")
-    if kib is None:  # ru_maxrss is in KiB on Linux
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024
-
-
-def rss_mib() -> float:
-    kib = proc_status_kib("VmRSS")
-    return (kib if kib is not None else 0) / 1024
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +218,7 @@ def child(args: argparse.Namespace) -> None:
     )
     seconds = time.perf_counter() - readings["start"]
     loop_peak = peak_rss_mib() if readings["reset"] else None
-    worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    worker = children_peak_rss_mib()
     quarters = [trace[max(0, round(len(trace) * q) - 1)] for q in (0.25, 0.5, 0.75, 1.0)]
     print(
         json.dumps(

@@ -27,8 +27,9 @@ Four parts (two by default), built from configs with random (seeded) weights, no
   beside ``dymu+VTU``, eager and with the decoder compiled (``vanilla compiled``,
   ``VTU compiled``: inductor, dynamic shapes, as ``bench_vlm_budgets.py --compile`` runs
   it). A compiled row counts the launches in the code inductor makes for the call
-  (``op_counter.compiled_call_launches``, on a CPU its C++ kernels standing in for a GPU's
-  Triton ones; ``x vanilla`` is against vanilla compiled) and not its host reads (``-``).
+  (``inductor_launches.compiled_call_launches``, on a CPU its C++ kernels standing in for a
+  GPU's Triton ones; ``x vanilla`` is against vanilla compiled) and not its host reads
+  (``-``).
 
 Images of different lengths attend the way ``attention="auto"`` takes on a GPU (one padded
 SDPA call, ``dymu.engine.attention``), also on a CPU run, where ``auto`` loops per image, and
@@ -82,7 +83,8 @@ from dymu.engine.attention import auto_way  # noqa: E402
 from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-from support.op_counter import Count, compiled_call_launches, count_forward  # noqa: E402
+from support.inductor_launches import compiled_call_launches  # noqa: E402
+from support.op_counter import Count, count_forward  # noqa: E402
 
 ENCODER = {False: "ViT-B-16-tome-100out", True: "ViT-T-8-overhead-tome-16out"}
 QUICK_TOWER = {  # an open_clip config: 64 px, 8 px patches (64 patches), 4 blocks of width 64

@@ -1,6 +1,7 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL models (random weights) and their inputs, built the way the
-models' processors lay them out: flat patches with ``grid_thw``, and prompts whose image and
-video placeholders sit between vision start/end tokens."""
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL models (random weights) and their inputs, built the
+way the models' processors lay them out: flat patches with ``grid_thw``, and prompts whose
+image and video placeholders sit between vision start/end tokens; thresholds for them that
+merge some pairs (``calibrated``) or none (``never``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from transformers import (
     Qwen3VLConfig,
     Qwen3VLForConditionalGeneration,
 )
+
+from dymu import Thresholds
+from dymu.integrations import hf_qwen_vl
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 IMAGE, VIDEO, START, END, PAD = 290, 291, 292, 293, 0
@@ -98,3 +102,51 @@ def prompts(rows: list[list[tuple[str, int]]]) -> tuple[torch.Tensor, torch.Tens
 def token_types(ids: torch.Tensor) -> torch.Tensor:
     """``mm_token_type_ids`` as the processors give them: 0 text, 1 image, 2 video."""
     return (ids == IMAGE).int() + 2 * (ids == VIDEO).int()
+
+
+IMAGES = [(1, 8, 12), (1, 4, 8), (1, 6, 4)]
+
+
+def calibrated(model, inputs: dict, r: int = 2, margin: float = 0.05) -> Thresholds:
+    """Thresholds from one calibration batch, raised by ``margin`` (so some pairs merge and
+    some do not)."""
+    encoder = hf_qwen_vl.build_encoder(model, r_total=r * len(model.model.visual.blocks))
+    with torch.no_grad():
+        _, values, used = encoder.calibrate(inputs)
+    return Thresholds(
+        values + margin, used.long(), torch.tensor(encoder.r), encoder.identity.metadata()
+    )
+
+
+def never(model) -> Thresholds:
+    encoder = hf_qwen_vl.build_encoder(model, r_total=len(model.model.visual.blocks))
+    r = torch.tensor(encoder.r)
+    return Thresholds.from_values(torch.ones(len(r)), r, encoder.identity.metadata())
+
+
+def case_inputs(name: str, model=None):
+    """Model inputs: two images in one prompt, a left-padded batch of two, a video (Qwen3-VL
+    puts each temporal patch of a video between its own start and end tokens)."""
+    if name == "two_images":
+        pix, grid = pixels(IMAGES[:2])
+        rows = [[("text", 3), ("image", 24), ("text", 2), ("image", 8), ("text", 2)]]
+    elif name == "batch":
+        pix, grid = pixels([IMAGES[0], IMAGES[2]])
+        rows = [[("text", 2), ("image", 24), ("text", 3)], [("image", 6), ("text", 4)]]
+    else:
+        pix, grid = pixels([(2, 4, 8)])
+        if "Qwen3" in type(model).__name__:
+            video = [("video", units((1, 4, 8))), ("text", 1), ("video", units((1, 4, 8)))]
+        else:
+            video = [("video", units((2, 4, 8)))]
+        rows = [[("text", 2), *video, ("text", 3)]]
+    ids, mask = prompts(rows)
+    kind = "video" if name == "video" else "image"
+    pixel_arg = "pixel_values_videos" if kind == "video" else "pixel_values"
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": token_types(ids),
+        pixel_arg: pix,
+        f"{kind}_grid_thw": grid,
+    }

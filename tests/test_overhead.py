@@ -14,18 +14,10 @@ from conftest import TINY
 
 import dymu
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "support" / "op_counter.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("op_counter", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-overhead = load_script()
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the scripts' own support package
+overhead = importlib.import_module("support.op_counter")
+inductor = importlib.import_module("support.inductor_launches")
 
 
 def test_counter_on_a_hand_made_function():
@@ -178,7 +170,7 @@ def test_compiled_call_launches_counts_each_graph_and_leaves_the_module_eager():
     module, x = TwoGraphs(), torch.randn(4, 8)
     with torch.no_grad():
         want = module(x)
-        launches, graphs = overhead.compiled_call_launches(module, lambda: module(x))
+        launches, graphs = inductor.compiled_call_launches(module, lambda: module(x))
         assert module._compiled_call_impl is None  # eager again
         assert torch.allclose(module(x), want)
     assert graphs == 2

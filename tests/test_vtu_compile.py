@@ -5,7 +5,7 @@ and the Qwen VLMs' language models under ``dymu.apply``)."""
 import pytest
 import torch
 from qwen_vlms import build as build_qwen
-from test_hf_qwen_vl import _case, calibrated
+from qwen_vlms import calibrated, case_inputs
 from test_vtu import build, skewed_batch
 
 import dymu
@@ -64,7 +64,7 @@ def test_inductor_compiled_qwen_language_model_runs_vtu_as_eager(family):
     the compiled layers): the first-token logits and greedy decoding of a left-padded batch
     of two are eager mode's."""
     model = build_qwen(family)
-    inputs = _case("batch", model)
+    inputs = case_inputs("batch", model)
     vision = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")}
     dymu.apply(model, thresholds=calibrated(model, vision), vtu=True)
 
