@@ -16,13 +16,8 @@ from dymu.integrations import hf_qwen_vl
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return build(family)
+def model(request):
+    return build(request.param)
 
 
 @pytest.mark.parametrize("case", ["two_images", "batch", "video"])

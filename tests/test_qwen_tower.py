@@ -23,13 +23,8 @@ from dymu.integrations import hf_qwen_vl
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def model(family):
-    return build(family)
+def model(request):
+    return build(request.param)
 
 
 def test_unmerged_encoder_is_the_tower(model):
