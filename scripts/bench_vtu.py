@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import os
 import statistics
 import time
@@ -210,13 +211,23 @@ def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> 
 
 
 def decode_step(lm: torch.nn.Module, cache, embed: torch.Tensor) -> Callable[[], float]:
-    """A callable timing one next-token forward from a fresh copy of ``cache``."""
+    """A callable timing one next-token forward from a fresh copy of ``cache`` (passed as
+    ``cache`` where the forward takes that name, as the newest transformers releases do)."""
+    params = inspect.signature(lm.forward).parameters
+    name = "cache" if "cache" in params else "past_key_values"
 
     def run() -> float:
-        past = copy.deepcopy(cache)
-        return timed(lambda: lm(inputs_embeds=embed, past_key_values=past, use_cache=True))
+        past = {name: copy.deepcopy(cache)}
+        return timed(lambda: lm(inputs_embeds=embed, use_cache=True, **past))
 
     return run
+
+
+def cache_of(output) -> object:
+    """The KV cache of a model output: ``cache`` in the newest transformers releases (where
+    ``past_key_values`` is its deprecated alias), ``past_key_values`` in older ones."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def interleave_decode(fns: dict[str, Callable[[], float]], reps: int, warmup: int):
@@ -295,8 +306,8 @@ def main() -> None:
             args.warmup,
         )
 
-        full_cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
-        vtu_cache = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=True).past_key_values
+        full_cache = cache_of(lm(inputs_embeds=embeds, use_cache=True))
+        vtu_cache = cache_of(lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=True))
         assert full_cache.get_seq_length() == vtu_cache.get_seq_length() == n_full
         decode = interleave_decode(
             {

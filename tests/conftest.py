@@ -3,6 +3,7 @@ and real photos from scikit-image's bundled data."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
@@ -45,6 +46,19 @@ PHOTOS = [
     "gravel",
     "moon",
 ]
+
+
+def cache_of(output) -> object:
+    """The KV cache a model output carries: ``cache`` in the newest transformers releases,
+    which keep ``past_key_values`` as a deprecated alias, the only name in older ones."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` takes the KV cache: ``cache`` in the newest
+    transformers releases (which deprecate ``past_key_values``), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def photo(name: str) -> Image.Image:

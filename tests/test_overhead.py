@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, cache_kwarg, cache_of
 
 import dymu
 
@@ -250,9 +250,10 @@ def test_a_decode_step_after_a_vtu_prefill_costs_what_vanilla_costs():
             extra = {"vtu_mapping": mapping}
         with torch.inference_mode():
             out = lm(inputs_embeds=embeds, use_cache=True, **extra)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
         assert cache.get_seq_length() == 24  # the prefill cached every full position
-        step = lambda: lm(input_ids=token, past_key_values=cache, use_cache=True)  # noqa: E731
+        past = {cache_kwarg(lm): cache}
+        step = lambda: lm(input_ids=token, use_cache=True, **past)  # noqa: E731
         return overhead.count_forward(step, lm, token)
 
     plain, vtu = decode_step(False), decode_step(True)

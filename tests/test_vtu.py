@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_LM
+from conftest import TINY_LM, cache_of
 from naive_vtu import naive_logits
 from transformers import (
     LlamaConfig,
@@ -157,7 +157,7 @@ def test_prefill_writes_every_full_position_into_the_cache(family):
     embeds = torch.randn(1, 10, 32)
     with torch.no_grad():
         apply_vtu(model)
-        cache = model(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=True).past_key_values
+        cache = cache_of(model(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=True))
         assert cache is not None and cache.get_seq_length() == 10
         keys = cache.layers[0].keys  # (1, kv_heads, 10, head_dim)
         assert keys.shape[-2] == 10
@@ -192,7 +192,7 @@ def test_generate_runs_the_prefill_merged_and_decodes_from_the_cache():
         )
     hook.remove()
     assert lengths == [7, 1, 1]
-    assert out.past_key_values.get_seq_length() == 10 + 2
+    assert cache_of(out).get_seq_length() == 10 + 2
 
 
 def test_a_mapping_that_does_not_cover_the_prompt_is_refused_at_prefill():
