@@ -5,7 +5,7 @@
 (or, where that is the rotation of halves, its ``rotate_half`` on the packed slots), the
 attention kernel transformers' dispatch picks (``ALL_ATTENTION_FUNCTIONS``), the KV cache
 under the argument name the installed version passes. It mirrors the forward of
-``LlamaAttention`` in transformers 5.18-5.24 (Mistral and Qwen2 share it; ``q_norm``/
+``LlamaAttention`` in transformers 5.18-5.25 (Mistral and Qwen2 share it; ``q_norm``/
 ``k_norm`` where a family has them).
 """
 

@@ -1,6 +1,6 @@
 """Adapter for transformers' ``Dinov2Model`` and ``Dinov2WithRegistersModel``.
 
-Mirrors transformers 5.23's ``Dinov2Layer`` (and its register twin, the same layer):
+Mirrors transformers 5.23-5.25's ``Dinov2Layer`` (and its register twin, the same layer):
 ``norm1 -> attention (q/k/v/o_proj) -> layer_scale1 -> drop_path``, then
 ``norm2 -> mlp (Dinov2MLP or SwiGLU) -> layer_scale2 -> drop_path``, under ``encoder.layer``.
 """

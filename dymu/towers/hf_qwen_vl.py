@@ -10,7 +10,7 @@ layers. So the adapter hands out units, windows and the rotary tables beside the
 ``qkv`` / ``attn_out`` / ``mlp`` seam, and the feature heads of those blocks;
 :class:`dymu.encoder.qwen.QwenDyMUEncoder` merges whole units inside windows (see there why).
 
-The embedding mirrors the first lines of the towers' forwards in transformers 5.18-5.24
+The embedding mirrors the first lines of the towers' forwards in transformers 5.18-5.25
 (``get_vision_position_ids``, ``get_vision_window_index``, the tower's own patch embedding
 and rotary module); a test compares the unmerged encoder with the tower's own forward.
 """
@@ -191,7 +191,7 @@ class QwenVisionTower(nn.Module):
 
     def _patch_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's patch embedding as one matrix product. Its ``PatchEmbed`` (Qwen2-VL,
-        Qwen2.5-VL and Qwen3-VL alike, transformers 5.18-5.24) views each row as one whole
+        Qwen2.5-VL and Qwen3-VL alike, transformers 5.18-5.25) views each row as one whole
         patch and applies a ``Conv3d`` whose kernel is its stride: a linear map of the row,
         which a GEMM computes faster than the Conv3d path on a CPU (about 6 ms against 14
         at 1444 patches, one thread). Any other embedding runs as it is."""
@@ -211,7 +211,7 @@ class QwenVisionTower(nn.Module):
 
     def _learned_positions(self, grid: torch.Tensor) -> torch.Tensor:
         """Qwen3-VL's learned position table resampled to every patch (unit order), as its
-        forward does (transformers 5.18-5.24)."""
+        forward does (transformers 5.18-5.25)."""
         from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
         tower = self.tower

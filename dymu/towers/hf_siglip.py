@@ -18,7 +18,7 @@ from .hf_clip import HFEncoderLayers
 def map_head(head: nn.Module, tokens: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """SigLIP's attention-pool head on merged, padded tokens.
 
-    Mirrors ``SiglipMultiheadAttentionPoolingHead.forward`` of transformers 5.23 (the SigLIP2
+    Mirrors ``SiglipMultiheadAttentionPoolingHead.forward`` of transformers 5.23-5.25 (the SigLIP2
     head is the same) with one change: the probe's logits get ``log(size)`` of every key and
     -inf on padding, so with nothing merged it is the unmodified head.
     """
