@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,19 @@ def noise(size: int = 64, seed: int = 0) -> Image.Image:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@contextmanager
+def one_thread():
+    """Torch on one CPU thread, as :func:`run_cli`'s subprocesses run: a product's partial sums
+    then add up in the same order in both, which some torch releases (2.11) change with the
+    thread count by a float32 rounding step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_cli(args, tmp_path, nproc=1):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import towers
-from conftest import interrupt_after, run_cli
+from conftest import interrupt_after, one_thread, run_cli
 from PIL import Image
 
 import dymu
@@ -115,15 +115,15 @@ def test_find_resume_torchrun_and_encode(key, folders, data, tmp_path, capsys):
             data=str(data), hf_model=str(folder), out=str(tmp_path / name), batch_size=2, **kw
         )
 
-    full = run_calibration(config("full.safetensors"))
     stop_after_three = interrupt_after(3, [])
-
-    with pytest.raises(KeyboardInterrupt):
-        run_calibration(config("r.safetensors", checkpoint_every=1), on_batch=stop_after_three)
-    resumed = []
-    res = run_calibration(
-        config("r.safetensors", resume=True), on_batch=lambda b, t: resumed.append(b.index)
-    )
+    with one_thread():  # as the CLI runs below (OMP_NUM_THREADS=1): float sums in one order
+        full = run_calibration(config("full.safetensors"))
+        with pytest.raises(KeyboardInterrupt):
+            run_calibration(config("r.safetensors", checkpoint_every=1), on_batch=stop_after_three)
+        resumed = []
+        res = run_calibration(
+            config("r.safetensors", resume=True), on_batch=lambda b, t: resumed.append(b.index)
+        )
     assert resumed == [3, 4, 5]
     assert torch.equal(res.thresholds.sum, full.thresholds.sum)
     assert torch.equal(res.thresholds.count, full.thresholds.count)
