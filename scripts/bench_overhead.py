@@ -66,7 +66,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -84,7 +84,8 @@ from dymu.sources.stream import load_rgb, open_source  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 from support.inductor_launches import compiled_call_launches  # noqa: E402
-from support.op_counter import Count, count_forward  # noqa: E402
+from support.op_counter import count_forward  # noqa: E402
+from support.overhead_table import Row, make_row, print_sites, print_table, print_top  # noqa: E402
 
 ENCODER = {False: "ViT-B-16-tome-100out", True: "ViT-T-8-overhead-tome-16out"}
 QUICK_TOWER = {  # an open_clip config: 64 px, 8 px patches (64 patches), 4 blocks of width 64
@@ -97,44 +98,6 @@ ENCODER_SYNCS_BUDGET = {"dymu": 1, "dymu fused": 1, "fixed-r": 0, "fixed-r fused
 VLM_OPS_BUDGET = 1.8
 VLM_SYNCS_BUDGET = 8
 BUDGETED_VLM = "dymu+VTU"
-
-
-@dataclass
-class Row:
-    part: str  # 'encoder' or 'vlm'
-    model: str
-    variant: str
-    batch: int
-    ops: int
-    host_reads: int
-    uploads: int
-    vanilla_ops: int
-    ops_budget: float | None = None  # most ops / vanilla ops
-    syncs_budget: int | None = None  # most host reads + uploads per forward
-    sites: dict[str, int] = field(default_factory=dict)
-    ops_by_name: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ratio(self) -> float:
-        return self.ops / self.vanilla_ops
-
-    @property
-    def ops_ok(self) -> bool | None:
-        return None if self.ops_budget is None else self.ratio <= self.ops_budget
-
-    @property
-    def syncs(self) -> int:
-        return self.host_reads + self.uploads
-
-    @property
-    def syncs_ok(self) -> bool | None:
-        return None if self.syncs_budget is None else self.syncs <= self.syncs_budget
-
-
-def make_row(part: str, model: str, variant: str, batch: int, count: Count, vanilla: int,
-             ops_budget: float | None, syncs_budget: int | None) -> Row:  # fmt: skip
-    return Row(part, model, variant, batch, count.ops, count.host_reads, count.uploads, vanilla,
-               ops_budget, syncs_budget, dict(count.sites), dict(count.ops_by_name))  # fmt: skip
 
 
 @contextmanager
@@ -323,57 +286,6 @@ def lm_rows(args: argparse.Namespace) -> list[Row]:
             name = "VTU compiled" if variant == "dymu+VTU" else "vanilla compiled"
             rows.append(Row("lm", label, name, bsz, n, -1, -1, launches["vanilla"]))
     return rows
-
-
-def verdict(ok: bool | None) -> str:
-    return "-" if ok is None else "within" if ok else "OVER"
-
-
-def print_table(rows: list[Row]) -> None:
-    header = (
-        f"{'part':<7} {'model':<27} {'variant':<16} {'batch':>5} {'ops':>6} {'x vanilla':>9} "
-        f"{'budget':>6} {'ops':>6} {'reads':>5} {'uploads':>7} {'budget':>6} {'syncs':>6}"
-    )
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        budget = "-" if r.ops_budget is None else f"{r.ops_budget:.1f}x"
-        syncs = "-" if r.syncs_budget is None else str(r.syncs_budget)
-        reads, uploads = (str(n) if n >= 0 else "-" for n in (r.host_reads, r.uploads))
-        print(
-            f"{r.part:<7} {r.model:<27} {r.variant:<16} {r.batch:>5} {r.ops:>6} "
-            f"{r.ratio:>8.2f}x {budget:>6} {verdict(r.ops_ok):>6} {reads:>5} "
-            f"{uploads:>7} {syncs:>6} {verdict(r.syncs_ok):>6}"
-        )
-
-
-def print_sites(rows: list[Row]) -> None:
-    """Where the host reads and uploads of each variant happen (at its largest batch)."""
-    last: dict[tuple[str, str], Row] = {}
-    for r in rows:
-        if r.syncs > 0:  # compiled rows count none (-1)
-            last[r.part, r.variant] = r
-    if last:
-        print("\nhost reads and uploads by site (largest batch):")
-    for (part, variant), r in last.items():
-        sites = ", ".join(f"{s} x{n}" for s, n in sorted(r.sites.items(), key=lambda s: -s[1]))
-        print(f"  {part} {variant} b{r.batch}: {sites}")
-
-
-def print_top(rows: list[Row], top: int) -> None:
-    """The ``top`` ops whose count grows most over vanilla's, per dymu variant (first batch)."""
-    if not top:
-        return
-    vanilla = {(r.part, r.batch): r.ops_by_name for r in rows if r.variant == "vanilla"}
-    first = min(r.batch for r in rows)
-    print(f"\nops added over vanilla, batch {first} (op: dymu - vanilla):")
-    for r in rows:
-        if r.variant == "vanilla" or r.batch != first:
-            continue
-        base = vanilla[r.part, r.batch]
-        extra = {op: n - base.get(op, 0) for op, n in r.ops_by_name.items()}
-        shown = sorted(extra.items(), key=lambda kv: -kv[1])[:top]
-        print(f"  {r.part} {r.variant}: " + ", ".join(f"{op} {n:+d}" for op, n in shown))
 
 
 def parse_args() -> argparse.Namespace:
