@@ -19,6 +19,10 @@ from ..defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL
 from ..engine.schedule import SCHEDULES, canonical_schedule
 from ..errors import DyMUError
 
+# where an option can be added: a parser or one of its argument groups (what --help lists
+# under a heading); argparse names no public type for the group
+Options = argparse.ArgumentParser | argparse._ArgumentGroup
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (what schedulers send before preemption), handled like Ctrl-C."""
@@ -173,14 +177,22 @@ def schedule_type(value: str) -> str | list[int]:
         ) from None
 
 
-def add_image_limits(p: argparse.ArgumentParser, what_happens: str, gpu_default: str) -> None:
+def add_image_limits(p: Options, what_happens: str, gpu_default: str) -> None:
     """``--max-pixels`` and ``--device``, which every script that decodes and encodes takes."""
+    add_max_pixels(p, what_happens)
+    add_device(p, gpu_default)
+
+
+def add_max_pixels(p: Options, what_happens: str) -> None:
     p.add_argument(
         "--max-pixels",
         type=positive(1),
         default=DEFAULT_MAX_PIXELS,
         help=f"{what_happens} images with more pixels than this (decompression bombs, scans)",
     )
+
+
+def add_device(p: Options, gpu_default: str) -> None:
     p.add_argument(
         "--device",
         default=None,
@@ -189,7 +201,7 @@ def add_image_limits(p: argparse.ArgumentParser, what_happens: str, gpu_default:
     )
 
 
-def add_model_config(p: argparse.ArgumentParser) -> None:
+def add_model_config(p: Options) -> None:
     p.add_argument(
         "--model-config",
         action="append",
@@ -210,7 +222,7 @@ def register_configs(paths: list[str]) -> None:
         open_clip.add_model_config(path)
 
 
-def add_tower_choice(p: argparse.ArgumentParser, pretrained_default: str = "openai") -> None:
+def add_tower_choice(p: Options, pretrained_default: str = "openai") -> None:
     p.add_argument(
         "--model",
         default=None,

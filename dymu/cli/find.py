@@ -10,8 +10,10 @@ from pathlib import Path
 from ..defaults import DTYPE_NAMES, INFERENCE_SAMPLE
 from ..errors import DyMUError
 from .common import (
+    Options,
     Stop,
-    add_image_limits,
+    add_device,
+    add_max_pixels,
     add_model_config,
     add_tower_choice,
     interrupt_code,
@@ -62,20 +64,54 @@ examples:
 
 def find_thresholds_parser() -> argparse.ArgumentParser:
     p = new_parser(PROG, DESCRIPTION.format(prog=PROG), EXAMPLES, USAGE)
-    p.add_argument(
+    _add_image_options(p.add_argument_group("images"))
+    _add_model_options(p.add_argument_group("model and merging"))
+    _add_run_options(p.add_argument_group("running"))
+    _add_output_options(p.add_argument_group("output and resuming"))
+    return p
+
+
+def _add_image_options(g: Options) -> None:
+    g.add_argument(
         "--data",
         required=True,
         help='a JSON list of {"image": path}, a folder (recursive), webdataset shards '
         "('shards/train-{000..099}.tar', also pipe:CMD, http(s)://, s3://, gs:// URLs), or a "
         "Hugging Face dataset (hf:NAME[:SPLIT], a save_to_disk folder, parquet files)",
     )
-    add_tower_choice(p)
-    p.add_argument(
-        "--out",
+    g.add_argument(
+        "--image-root",
         default=None,
-        help="output file (default: <model>.safetensors, or <folder name>-tome.safetensors)",
+        help="folder the JSON's relative paths start from (default: the JSON's folder)",
     )
-    p.add_argument(
+    g.add_argument(
+        "--image-column",
+        default=None,
+        help="the image column of a Hugging Face dataset (default: its first Image column)",
+    )
+    g.add_argument(
+        "--max-images",
+        type=positive(1),
+        default=None,
+        help="stop after this many images (default: all)",
+    )
+    g.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=None,
+        help="shuffle the stream through a seeded 1000-image buffer (default: in order)",
+    )
+    add_max_pixels(g, "skip")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad image instead of skipping it (progress is kept)",
+    )
+
+
+def _add_model_options(g: Options) -> None:
+    add_tower_choice(g)
+    g.add_argument(
         "--r-total",
         type=positive(0),
         default=None,
@@ -83,73 +119,58 @@ def find_thresholds_parser() -> argparse.ArgumentParser:
         "model name; with --hf-model two thirds of the patches; Qwen-VL: merges per window "
         "of 2x2 units, default two thirds of its units)",
     )
-    p.add_argument(
+    g.add_argument(
         "--schedule",
         type=schedule_type,
         default=None,
         help="r per block: constant, linear, reverse-linear or a comma list "
         "(default: from the name)",
     )
-    p.add_argument(
-        "--batch-size",
-        type=positive(1),
-        default=32,
-        help="images per calibration batch (the batch rule ranks pairs across it)",
-    )
-    p.add_argument(
-        "--num-workers",
-        type=positive(0),
-        default=min(4, os.cpu_count() or 1),
-        help="DataLoader workers decoding and preprocessing images (0: in this process)",
-    )
-    add_image_limits(p, "skip", "cuda:LOCAL_RANK")
-    p.add_argument(
+    g.add_argument(
         "--dtype",
         default="fp32",
         choices=DTYPE_NAMES,
         help="model precision; statistics are accumulated in float64 regardless",
     )
-    p.add_argument(
-        "--image-root",
-        default=None,
-        help="folder the JSON's relative paths start from (default: the JSON's folder)",
-    )
-    p.add_argument(
-        "--image-column",
-        default=None,
-        help="the image column of a Hugging Face dataset (default: its first Image column)",
-    )
-    p.add_argument(
-        "--max-images",
+    add_model_config(g)
+
+
+def _add_run_options(g: Options) -> None:
+    g.add_argument(
+        "--batch-size",
         type=positive(1),
+        default=32,
+        help="images per calibration batch (the batch rule ranks pairs across it)",
+    )
+    g.add_argument(
+        "--num-workers",
+        type=positive(0),
+        default=min(4, os.cpu_count() or 1),
+        help="DataLoader workers decoding and preprocessing images (0: in this process)",
+    )
+    add_device(g, "cuda:LOCAL_RANK")
+
+
+def _add_output_options(g: Options) -> None:
+    g.add_argument(
+        "--out",
         default=None,
-        help="stop after this many images (default: all)",
+        help="output file (default: <model>.safetensors, or <folder name>-tome.safetensors)",
     )
-    p.add_argument(
-        "--shuffle-seed",
-        type=int,
-        default=None,
-        help="shuffle the stream through a seeded 1000-image buffer (default: in order)",
-    )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first bad image instead of skipping it (progress is kept)",
-    )
-    p.add_argument(
+    g.add_argument(
         "--checkpoint-every",
         type=positive(0),
         default=100,
         metavar="N",
         help="save progress to OUT.partial every N batches (0: only when the run stops)",
     )
-    p.add_argument(
+    g.add_argument(
         "--resume",
         action="store_true",
         help="continue from OUT.partial (same command otherwise); without one, a notice and "
         "a fresh start, so a requeued job can always pass it",
     )
-    p.add_argument(
+    g.add_argument(
         "--inference-sample",
         type=positive(0),
         default=INFERENCE_SAMPLE,
@@ -157,8 +178,6 @@ def find_thresholds_parser() -> argparse.ArgumentParser:
         help="after calibration, encode the first N images with the found thresholds and "
         "record their token counts (what inference keeps) in the file; 0: skip",
     )
-    add_model_config(p)
-    return p
 
 
 def find_thresholds(args: argparse.Namespace) -> None:
