@@ -254,6 +254,56 @@ def profile(fns: dict[str, Callable[[], object]], rows: int = 25) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def compare_logits(
+    lm: torch.nn.Module, embeds: torch.Tensor, mapping: torch.Tensor, args: argparse.Namespace
+) -> int:
+    """Print how close VTU's logits are to the full-length model's; the positions kept."""
+    keep = {"logits_to_keep": 1} if args.last_logits else {}
+    full_logits = lm(inputs_embeds=embeds, use_cache=False, **keep).logits
+    vtu_logits = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False, **keep).logits
+    kept = 1 if args.last_logits else mapping.shape[1]
+    assert full_logits.shape == vtu_logits.shape == (1, kept, args.vocab)
+    cos = torch.nn.functional.cosine_similarity(full_logits, vtu_logits, dim=-1)
+    print(
+        f"logits (1, {kept}, {args.vocab}) both; full vs vtu cosine: mean "
+        f"{cos.mean():.4f}, min {cos.min():.4f}"
+    )
+    return kept
+
+
+def print_results(
+    args: argparse.Namespace,
+    prefill: dict[str, float],
+    decode: dict[str, float],
+    n_full: int,
+    n_slots: int,
+    kept: int,
+) -> None:
+    """The prefill and decode table, with the FLOP bound and the target's verdict."""
+    full_flops = flops.lm(args, n_full, n_full, n_full)
+    vtu_flops = flops.lm(args, n_full, n_slots, n_full)
+    bound = full_flops / vtu_flops
+    speedup = prefill["full"] / prefill["vtu"]
+    ratio = speedup / bound
+    verdict = "PASS" if ratio >= TARGET else "MISS"
+    print()
+    print(f"{'':10}{'full ms':>10}{'vtu ms':>10}{'speedup':>9}{'bound':>8}{'ratio':>8}")
+    print(
+        f"{'prefill':10}{prefill['full']:10.1f}{prefill['vtu']:10.1f}{speedup:9.2f}"
+        f"{bound:8.2f}{ratio:8.2f}  {verdict} (target >= {TARGET})"
+    )
+    print(
+        f"{'decode':10}{decode['full']:10.1f}{decode['vtu']:10.1f}"
+        f"{decode['full'] / decode['vtu']:9.2f}  (one step after a {n_full}-token prefill)"
+    )
+    print(
+        f"FLOPs: full {full_flops / 1e9:.1f} G, vtu {vtu_flops / 1e9:.1f} G "
+        f"(lm_head {2 * kept * args.hidden * args.vocab / 1e9:.1f} G in both); "
+        f"full throughput {full_flops / prefill['full'] / 1e6:.0f} GFLOP/s, "
+        f"vtu {vtu_flops / prefill['vtu'] / 1e6:.0f} GFLOP/s"
+    )
+
+
 def main() -> None:
     args = parse_args()
     if args.threads is not None:
@@ -285,15 +335,7 @@ def main() -> None:
     keep = {"logits_to_keep": 1} if args.last_logits else {}
 
     with torch.inference_mode():
-        full_logits = lm(inputs_embeds=embeds, use_cache=False, **keep).logits
-        vtu_logits = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False, **keep).logits
-        kept = 1 if args.last_logits else n_full
-        assert full_logits.shape == vtu_logits.shape == (1, kept, args.vocab)
-        cos = torch.nn.functional.cosine_similarity(full_logits, vtu_logits, dim=-1)
-        print(
-            f"logits (1, {kept}, {args.vocab}) both; full vs vtu cosine: mean "
-            f"{cos.mean():.4f}, min {cos.min():.4f}"
-        )
+        kept = compare_logits(lm, embeds, mapping, args)
 
         prefill = interleave(
             {
@@ -328,28 +370,7 @@ def main() -> None:
                 }
             )
 
-    full_flops = flops.lm(args, n_full, n_full, n_full)
-    vtu_flops = flops.lm(args, n_full, n_slots, n_full)
-    bound = full_flops / vtu_flops
-    speedup = prefill["full"] / prefill["vtu"]
-    ratio = speedup / bound
-    verdict = "PASS" if ratio >= TARGET else "MISS"
-    print()
-    print(f"{'':10}{'full ms':>10}{'vtu ms':>10}{'speedup':>9}{'bound':>8}{'ratio':>8}")
-    print(
-        f"{'prefill':10}{prefill['full']:10.1f}{prefill['vtu']:10.1f}{speedup:9.2f}"
-        f"{bound:8.2f}{ratio:8.2f}  {verdict} (target >= {TARGET})"
-    )
-    print(
-        f"{'decode':10}{decode['full']:10.1f}{decode['vtu']:10.1f}"
-        f"{decode['full'] / decode['vtu']:9.2f}  (one step after a {n_full}-token prefill)"
-    )
-    print(
-        f"FLOPs: full {full_flops / 1e9:.1f} G, vtu {vtu_flops / 1e9:.1f} G "
-        f"(lm_head {2 * kept * args.hidden * args.vocab / 1e9:.1f} G in both); "
-        f"full throughput {full_flops / prefill['full'] / 1e6:.0f} GFLOP/s, "
-        f"vtu {vtu_flops / prefill['vtu'] / 1e6:.0f} GFLOP/s"
-    )
+    print_results(args, prefill, decode, n_full, n_slots, kept)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"total {time.perf_counter() - t0:.0f} s; load average (1/5/15 min) {load}")
 
