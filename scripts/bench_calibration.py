@@ -299,7 +299,7 @@ def bench_memory(
 QUICK = dict(images=8, runs=1, batch_size=4)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16-tome-100out")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -321,14 +321,19 @@ def main() -> None:
     if parser.parse_known_args()[0].quick:  # quick sizes as defaults; explicit flags still win
         parser.set_defaults(**QUICK)
     args = parser.parse_args()
+    if not args.child and (args.images < 1 or args.runs < 1 or args.batch_size < 1):
+        parser.error("--images, --runs and --batch-size must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.child:
         child(args)
         return
-    if args.images < 1 or args.runs < 1 or args.batch_size < 1:
-        parser.error("--images, --runs and --batch-size must be at least 1")
 
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="dymu-bench-calib-"))
