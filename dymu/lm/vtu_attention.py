@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -126,6 +127,36 @@ def _attention_function(attn: nn.Module, family, registry):
     return family.eager_attention_forward if impl == "eager" else registry[impl]
 
 
+def _qkv_at_positions(
+    self: nn.Module,
+    family: ModuleType,
+    hidden_states: torch.Tensor,
+    plan: SlotPlan,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key (rotated) and value at the ``(B, heads, N, head_dim)`` full positions,
+    projected (and q/k-normed, where the family has norms) on the packed slots."""
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (S, C)
+
+    def project(linear: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
+        x = linear(rows).view(plan.total, -1, self.head_dim)  # (S, heads, head_dim)
+        return x if norm is None else norm(x)
+
+    def full(x: torch.Tensor) -> torch.Tensor:
+        return plan.unpack(x).transpose(1, 2)  # (B, heads, N, head_dim)
+
+    query = project(self.q_proj, getattr(self, "q_norm", None))
+    key = project(self.k_proj, getattr(self, "k_norm", None))
+    value = full(project(self.v_proj))
+    if cos.dim() == 3 and cos.dtype == query.dtype and self.__dict__.get(ROTATES_HALVES):
+        query = _rotated_at_positions(family, plan, query, cos, sin)
+        key = _rotated_at_positions(family, plan, key, cos, sin)
+    else:
+        query, key = family.apply_rotary_pos_emb(full(query), full(key), cos, sin)
+    return query, key, value
+
+
 def vtu_attention_forward(
     self: nn.Module,
     hidden_states: torch.Tensor,
@@ -148,7 +179,7 @@ def vtu_attention_forward(
     cos, sin = position_embeddings
     cache = _pop_cache(self, kwargs)
     if not isinstance(vtu_mapping, SlotPlan) or vtu_mapping.shape[1] != cos.shape[-2]:
-        if cache is not None:
+        if cache is not None:  # under the name the replaced forward takes
             kwargs[self.__dict__.get(CACHE_ARG, "cache")] = cache
         return call_prior(
             self,
@@ -162,23 +193,7 @@ def vtu_attention_forward(
 
     family = sys.modules[type(self).__module__]
     plan = vtu_mapping
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1])  # (S, C)
-
-    def project(linear: nn.Module, norm: nn.Module | None = None) -> torch.Tensor:
-        x = linear(rows).view(plan.total, -1, self.head_dim)  # (S, heads, head_dim)
-        return x if norm is None else norm(x)
-
-    def full(x: torch.Tensor) -> torch.Tensor:
-        return plan.unpack(x).transpose(1, 2)  # (B, heads, N, head_dim)
-
-    query = project(self.q_proj, getattr(self, "q_norm", None))
-    key = project(self.k_proj, getattr(self, "k_norm", None))
-    value = full(project(self.v_proj))
-    if cos.dim() == 3 and cos.dtype == query.dtype and self.__dict__.get(ROTATES_HALVES):
-        query = _rotated_at_positions(family, plan, query, cos, sin)
-        key = _rotated_at_positions(family, plan, key, cos, sin)
-    else:
-        query, key = family.apply_rotary_pos_emb(full(query), full(key), cos, sin)
+    query, key, value = _qkv_at_positions(self, family, hidden_states, plan, cos, sin)
     if cache is not None:
         key, value = _update_cache(self, cache, key, value, (cos, sin), kwargs)
     interface = _attention_function(self, family, ALL_ATTENTION_FUNCTIONS)
