@@ -38,6 +38,18 @@ def test_help_states_each_default_once_and_lists_the_subcommands():
     assert "(default: 32)" in find  # a default the text does not say is still shown
 
 
+def test_find_help_groups_its_options_under_headings():
+    find = help_texts()["dymu-find-thresholds"]
+    parts = re.split(r"\n(images|model and merging|running|output and resuming):\n", find)
+    sections = dict(zip(parts[1::2], parts[2::2], strict=True))  # heading -> its options
+    assert list(sections) == ["images", "model and merging", "running", "output and resuming"]
+    placed = {"images": "--data --max-pixels", "model and merging": "--model --hf-model",
+              "running": "--device", "output and resuming": "--out --resume"}  # fmt: skip
+    for heading, flags in placed.items():
+        for flag in flags.split():
+            assert re.search(rf"^  {flag} ", sections[heading], re.M), (heading, flag)
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as stop:
         find_thresholds_main(["--version"])
