@@ -39,8 +39,10 @@ Prints one table headed by the device, torch version and dtypes (fp16 for the en
 calibration and ToMe, bf16 for the VLM on CUDA; fp32 on CPU), writes it as JSON (``--json``)
 and a bar chart of speedup beside FLOP bound (``--plot``, needs matplotlib). A failing section
 or model is an ``error`` row and the rest still run; past ``--time-limit`` seconds what is left
-is a ``skipped: time limit`` row (a unit starts only if one like the last still fits). The
-sibling scripts' own output goes to stderr.
+is a ``skipped: time limit`` row (a unit starts only if one like the last still fits).
+Stopped by Ctrl-C or SIGTERM (``timeout``, a scheduler), it still prints and writes the rows
+of the units that finished; the JSON is also rewritten after every section. The sibling
+scripts' own output goes to stderr.
 
 Estimated run time on one H100 with the defaults: about 4-5 minutes (encoder ~70 s,
 calibration ~40 s, ToMe ~25 s, VLM ~60 s, from the sibling scripts' timings on an H200;
@@ -58,9 +60,11 @@ Run from the repository root on a GPU machine::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -112,10 +116,15 @@ def run_units(
     rows, last = [], 0.0
     for item in items:
         if not clock.allows(last):
-            rows.append(Row(section, str(item), note="skipped: time limit"))
+            rows.append(Row(section, str(item), note=clock.why_not()))
             continue
         start = time.perf_counter()
-        rows += guarded(section, str(item), lambda item=item: fn(item))
+        try:
+            rows += guarded(section, str(item), lambda item=item: fn(item))
+        except KeyboardInterrupt:  # keep the units done; nothing more starts
+            clock.interrupted = True
+            rows.append(Row(section, str(item), note="interrupted"))
+            continue
         last = time.perf_counter() - start
         print(f"[bench_gpu] {section} {item}: {last:.0f} s", file=sys.stderr)
     return rows
@@ -325,22 +334,35 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     args = parse_args()
     clock = Clock(args.time_limit)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    rows: list[Row] = []
-    with quick_tower():  # the tiny tower's name resolves in every mode
-        for section in args.sections:
-            if not clock.allows():
-                rows.append(Row(section, "-", note="skipped: time limit"))
-                continue
-            rows += guarded(section, "-", lambda section=section: RUNNERS[section](args, clock))
     info = device_info(args.device, args.dtype, args.vlm_dtype)
+    rows: list[Row] = []
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout` or a scheduler: keep what was measured
+    try:
+        with quick_tower():  # the tiny tower's name resolves in every mode
+            for section in args.sections:
+                if not clock.allows():
+                    rows.append(Row(section, "-", note=clock.why_not()))
+                    continue
+                rows += guarded(section, "-", lambda section=section: RUNNERS[section](args, clock))
+                with contextlib.redirect_stdout(sys.stderr):  # the JSON so far, after each section
+                    write_outputs(rows, info, clock.elapsed(), args.json, None, bench_encoder.plot)
+    except KeyboardInterrupt:  # outside a unit (a section's setup)
+        clock.interrupted = True
+        rows.append(Row("-", "-", note="interrupted"))
     print_table(rows, info, clock.elapsed())
     write_outputs(rows, info, clock.elapsed(), args.json, args.plot, bench_encoder.plot)
+    if clock.interrupted:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -55,12 +55,17 @@ class Clock:
 
     def __init__(self, limit: float) -> None:
         self.start, self.limit = time.perf_counter(), limit
+        self.interrupted = False  # stopped by Ctrl-C or SIGTERM: nothing more starts
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def allows(self, estimate: float = 0.0) -> bool:
-        return self.elapsed() + estimate < self.limit
+        return not self.interrupted and self.elapsed() + estimate < self.limit
+
+    def why_not(self) -> str:
+        """The note of a part that did not start."""
+        return "skipped: interrupted" if self.interrupted else "skipped: time limit"
 
 
 def guarded(section: str, label: str, fn: Callable[[], list[Row]]) -> list[Row]:
