@@ -11,16 +11,20 @@ do not show that a compiled merge step is a handful of kernels but a host cost o
 Rows per batch size, interleaved medians: ``vanilla`` (the tower's own forward), ``dymu``
 (threshold merging, eager), ``dymu fused`` (the compiled step, a GPU's default),
 ``fixed-r`` and ``fixed-r fused`` (ToMe, the same schedule), ``no-merge`` (dymu's block loop,
-nothing merged). Images of different lengths attend as ``auto`` does on a GPU (one padded
-call). ``us/block`` is the forward over the 24 blocks; ``+us/merge`` what each merging block
-adds over ``no-merge``; ``vs vanilla`` is vanilla's time over the row's, the speedup a
-launch-bound GPU would show if its launches cost what a CPU's tiny ops cost (on a GPU a
-launch costs a few microseconds more, a compiled step's Triton launches more again).
+nothing merged); with ``--whole`` also ``vanilla whole`` and ``fixed-r whole``, the forward
+compiled as one graph (what a static-shape path would give; threshold merging reads lengths
+inside the loop and cannot be one graph yet). Images of different lengths attend as
+``auto`` does on a GPU (one padded call). ``us/block`` is the forward over the 24 blocks;
+``+us/merge`` what each merging block adds over ``no-merge``; ``vs vanilla`` is vanilla's
+time over the row's, the speedup a launch-bound GPU would show if its launches cost what a
+CPU's tiny ops cost (on a GPU a launch costs a few microseconds more, a compiled step's
+Triton launches more again).
 
 Run from the repository root::
 
     python scripts/bench_host.py                 # batch 1 and 8, 100 reps
     python scripts/bench_host.py --quick         # fewer reps (what CI runs)
+    python scripts/bench_host.py --whole         # with the whole-forward compiled rows
 """
 
 from __future__ import annotations
@@ -105,6 +109,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=None, help="timed reps (default 100; quick 10)")
     p.add_argument("--warmup", type=int, default=5, help="untimed reps (compiles included)")
     p.add_argument("--quick", action="store_true", help="fewer reps (what CI runs)")
+    p.add_argument(
+        "--whole",
+        action="store_true",
+        help="also vanilla and fixed-r with the whole forward compiled (inductor, fullgraph; "
+        "minutes of compiling on a CPU): the host cost of one graph instead of one per step",
+    )
     args = p.parse_args()
     reps = args.reps or (10 if args.quick else 100)
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns about random weights
@@ -112,10 +122,14 @@ def main() -> None:
     start = time.perf_counter()
     with deep_tiny_tower():
         enc, models, pixels, kept = variants()
+    if args.whole:
+        models["vanilla whole"] = torch.compile(models["vanilla"], fullgraph=True)
+        models["fixed-r whole"] = torch.compile(models["fixed-r"], fullgraph=True)
     print(f"{NAME}: {BLOCKS} blocks, width 64, 65 tokens; one thread; torch {torch.__version__}")
     print(f"{'':<14} {'batch':>5} {'ms':>9} {'us/block':>9} {'+us/merge':>10} {'vs vanilla':>10}")
     merging = sum(1 for r in enc.r if r > 0)
-    merges = dict.fromkeys(["dymu", "dymu fused", "fixed-r", "fixed-r fused"], merging)
+    merged = ["dymu", "dymu fused", "fixed-r", "fixed-r fused", "fixed-r whole"]
+    merges = dict.fromkeys(merged, merging)
     with torch.inference_mode():
         for bsz in args.batch_sizes:
             batch = pixels[pick(list(range(len(pixels))), bsz, median_index(kept))]
