@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import os
 import statistics
 import time
@@ -67,6 +66,7 @@ import torch
 from support import flops
 
 import dymu
+from dymu.lm.vtu_attention import forward_cache_argument
 
 TARGET = 0.8
 ONEVISION = dict(
@@ -213,8 +213,7 @@ def interleave(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> 
 def decode_step(lm: torch.nn.Module, cache, embed: torch.Tensor) -> Callable[[], float]:
     """A callable timing one next-token forward from a fresh copy of ``cache`` (passed as
     ``cache`` where the forward takes that name, as the newest transformers releases do)."""
-    params = inspect.signature(lm.forward).parameters
-    name = "cache" if "cache" in params else "past_key_values"
+    name = forward_cache_argument(lm.forward)
 
     def run() -> float:
         past = {name: copy.deepcopy(cache)}

@@ -3,7 +3,6 @@ and real photos from scikit-image's bundled data."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ import pytest
 import torch
 import towers  # noqa: E402,F401  (registers the tiny timm trunks the configs name)
 from PIL import Image
+
+from dymu.lm.vtu_attention import forward_cache_argument
 
 TINY = "ViT-T-8-test"
 CONFIGS = Path(__file__).parent / "configs"
@@ -59,7 +60,7 @@ def cache_of(output) -> object:
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The name under which ``model.forward`` takes the KV cache: ``cache`` in the newest
     transformers releases (which deprecate ``past_key_values``), ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return forward_cache_argument(model.forward)
 
 
 def photo(name: str) -> Image.Image:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import inspect
 import runpy
 import sys
 
@@ -30,6 +29,7 @@ from ..encoder.names import resolve_name
 from ..errors import DyMUError
 from ..lm.layouts import marker_rows, read_markers, slot_mapping
 from ..lm.vtu import apply_vtu
+from ..lm.vtu_attention import forward_cache_argument
 from .llava_tower import DyMULlavaTower
 
 IGNORE_INDEX = -100  # LLaVA's label for positions without a target
@@ -246,10 +246,8 @@ def _forward(
 
 @functools.cache
 def _cache_argument(lm_class: type) -> str:
-    """The name ``lm_class.forward`` takes the KV cache by: ``cache`` since transformers
-    renamed ``past_key_values`` (which it deprecates, warning even when given None)."""
-    params = inspect.signature(lm_class.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    """The KV-cache argument of ``lm_class.forward``, read once per class (not per step)."""
+    return forward_cache_argument(lm_class.forward)
 
 
 @torch.no_grad()

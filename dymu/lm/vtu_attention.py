@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -56,6 +57,14 @@ def cache_argument(attn: nn.Module) -> str:
             "supported by VTU"
         )
     return names[0]
+
+
+def forward_cache_argument(forward: Callable) -> str:
+    """The name a model's ``forward`` takes the KV cache by: ``cache`` since transformers
+    renamed ``past_key_values`` (which it deprecates, warning even when given None),
+    ``past_key_values`` before."""
+    params = inspect.signature(forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _pop_cache(attn: nn.Module, kwargs: dict):
