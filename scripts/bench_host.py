@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
 
 from bench_encoder import time_interleaved  # noqa: E402
-from bench_overhead import QUICK_TOWER, median_index, pick  # noqa: E402
+from bench_overhead import QUICK_TOWER, encoder_variants, median_index, pick  # noqa: E402
 
 import dymu  # noqa: E402
 from dymu.engine.attention import auto_way  # noqa: E402
@@ -76,21 +76,8 @@ def variants() -> tuple[dymu.DyMUEncoder, dict[str, torch.nn.Module], torch.Tens
     with torch.inference_mode():
         enc.set_thresholds(dymu.find_thresholds(enc, list(pixels.split(4))))
         kept = torch.cat([enc(p[None]).lengths for p in pixels])
-    fused = dymu.DyMUEncoder(enc.tower, enc.r, enc.thresholds, name=enc.name).eval()
-    fixed_fused = dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval()
-    fused.fuse = fixed_fused.fuse = True
-    models = {
-        "vanilla": enc.tower.module,
-        "dymu": enc,
-        "dymu fused": fused,
-        "fixed-r": dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval(),
-        "fixed-r fused": fixed_fused,
-        "no-merge": dymu.DyMUEncoder(enc.tower, [0] * BLOCKS).eval(),
-    }
-    for name, model in models.items():
-        if name != "vanilla":
-            model.attention = auto_way("cuda")  # one padded call, as on a GPU
-    return enc, models, pixels, kept
+    variants = encoder_variants(enc, auto_way("cuda"))  # one padded call, as on a GPU
+    return enc, {"vanilla": enc.tower.module, **variants}, pixels, kept
 
 
 def print_rows(bsz: int, ms: dict[str, float], merges: dict[str, int]) -> None:

@@ -145,19 +145,7 @@ def encoder_rows(args: argparse.Namespace) -> list[Row]:
     with torch.inference_mode():
         enc.set_thresholds(dymu.find_thresholds(enc, list(pixels.split(4))))
         kept = torch.cat([enc(p[None]).lengths for p in pixels]).cpu()
-    enc.attention = gpu_way(args)
-    fused = dymu.DyMUEncoder(enc.tower, enc.r, enc.thresholds, name=enc.name).eval()
-    fixed_fused = dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval()
-    fused.fuse = fixed_fused.fuse = True
-    variants = {
-        "dymu": enc,
-        "dymu fused": fused,
-        "fixed-r": dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval(),
-        "fixed-r fused": fixed_fused,
-        "no-merge": dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval(),
-    }
-    for model in variants.values():
-        model.attention = gpu_way(args)
+    variants = encoder_variants(enc, gpu_way(args))
     rows = []
     for bsz in args.batch_sizes:
         batch = pixels[pick(list(range(len(pixels))), bsz, median_index(kept))]
@@ -169,6 +157,25 @@ def encoder_rows(args: argparse.Namespace) -> list[Row]:
             rows.append(make_row("encoder", name, variant, bsz, count, vanilla.ops,
                                  ENCODER_OPS_BUDGET, syncs))  # fmt: skip
     return rows
+
+
+def encoder_variants(enc: dymu.DyMUEncoder, attention: str) -> dict[str, dymu.DyMUEncoder]:
+    """``enc`` (calibrated) and the encoders on its tower it is compared with: threshold
+    merging eager and compiled, fixed r (its schedule) eager and compiled, no merging; all
+    attending the ``attention`` way."""
+    fused = dymu.DyMUEncoder(enc.tower, enc.r, enc.thresholds, name=enc.name).eval()
+    fixed_fused = dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval()
+    fused.fuse = fixed_fused.fuse = True
+    variants = {
+        "dymu": enc,
+        "dymu fused": fused,
+        "fixed-r": dymu.DyMUEncoder(enc.tower, enc.r, fixed_r=True).eval(),
+        "fixed-r fused": fixed_fused,
+        "no-merge": dymu.DyMUEncoder(enc.tower, [0] * enc.tower.num_blocks).eval(),
+    }
+    for model in variants.values():
+        model.attention = attention
+    return variants
 
 
 def gpu_way(args: argparse.Namespace) -> str:

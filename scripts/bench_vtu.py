@@ -254,17 +254,17 @@ def profile(fns: dict[str, Callable[[], object]], rows: int = 25) -> None:
 
 
 def compare_logits(
-    lm: torch.nn.Module, embeds: torch.Tensor, mapping: torch.Tensor, args: argparse.Namespace
+    lm: torch.nn.Module, embeds: torch.Tensor, mapping: torch.Tensor, keep: dict, vocab: int
 ) -> int:
-    """Print how close VTU's logits are to the full-length model's; the positions kept."""
-    keep = {"logits_to_keep": 1} if args.last_logits else {}
+    """Print how close VTU's logits are to the full-length model's (``keep``: the forward's
+    ``logits_to_keep``, if any); the positions kept."""
     full_logits = lm(inputs_embeds=embeds, use_cache=False, **keep).logits
     vtu_logits = lm(inputs_embeds=embeds, vtu_mapping=mapping, use_cache=False, **keep).logits
-    kept = 1 if args.last_logits else mapping.shape[1]
-    assert full_logits.shape == vtu_logits.shape == (1, kept, args.vocab)
+    kept = keep.get("logits_to_keep", mapping.shape[1])
+    assert full_logits.shape == vtu_logits.shape == (1, kept, vocab)
     cos = torch.nn.functional.cosine_similarity(full_logits, vtu_logits, dim=-1)
     print(
-        f"logits (1, {kept}, {args.vocab}) both; full vs vtu cosine: mean "
+        f"logits (1, {kept}, {vocab}) both; full vs vtu cosine: mean "
         f"{cos.mean():.4f}, min {cos.min():.4f}"
     )
     return kept
@@ -334,7 +334,7 @@ def main() -> None:
     keep = {"logits_to_keep": 1} if args.last_logits else {}
 
     with torch.inference_mode():
-        kept = compare_logits(lm, embeds, mapping, args)
+        kept = compare_logits(lm, embeds, mapping, keep, args.vocab)
 
         prefill = interleave(
             {
